@@ -1,0 +1,1 @@
+"""Diffusers models: loading from local folders, tiny pipelines, and their dynamic versions."""
