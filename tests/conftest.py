@@ -11,10 +11,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
+_DEEPSPEED_SESSION = False  # set once `deepspeed_world1` owns this process's group
+
 
 @pytest.fixture(autouse=True)
 def _reset_global_state(monkeypatch):
-    """fp32 default dtype, fixed seed, offline hub, and no process group left behind."""
+    """fp32 default dtype, fixed seed, offline hub, and no process group left behind.
+
+    The one exception is the session-wide single-rank DeepSpeed group (`deepspeed_world1`):
+    DeepSpeed caches its communicator and cannot be initialised twice in one process.
+    """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     dtype = torch.get_default_dtype()
@@ -22,8 +28,37 @@ def _reset_global_state(monkeypatch):
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(dtype)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not _DEEPSPEED_SESSION and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for MASTER_PORT / rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world1():
+    """DeepSpeed initialised in this process as a world of one rank (gloo, CPU accelerator)."""
+    import deepspeed
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    global _DEEPSPEED_SESSION
+    _DEEPSPEED_SESSION = True
+    yield deepspeed
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

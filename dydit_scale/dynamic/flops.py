@@ -1,0 +1,329 @@
+"""Analytic MACs of DyDiT blocks and the per-sample FLOPs ratio of the last forward (method.md §5).
+
+Everything is counted in multiply-accumulates (MACs, the DiT convention: DiT-XL/2 = 118.6 "GFLOPs").
+Counted (§5.1): the Q/K/V/O projections, the two attention matmuls QKᵀ and A·V, the MLP fc1/fc2.
+Not counted: softmax, norms, activations, adaLN modulation, routers, embedders, patch/final layers.
+The MLP is the plain two-matmul one (fc1 C → D, fc2 D → C); a gated MLP (GEGLU) is not covered.
+
+Every count argument may be a Python number or an fp32 tensor [B] (active heads ĥ, group fraction
+ĝ/G, active tokens ñ); the result is then a tensor [B] that stays differentiable with respect to
+them, so the FLOPs loss reaches the routers through the straight-through masks. With Python ints
+the results are exact ints.
+
+Heads: ``heads`` is always the *total* head count H and ``active_heads`` the active count ĥ
+(default H). The formulas that take ``head_dim`` depend on ĥ only, so a caller passing the active
+count as ``heads`` gets the same number; only :func:`dit_block_macs` derives C_H = C/H from ``heads``.
+``cross_heads`` (PixArt, Latte) is the *active* cross-attention head count; None keeps
+cross-attention static at full width.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+#: A count: a Python number, or a tensor [B] of per-sample values.
+Count = int | float | Tensor
+
+__all__ = [
+    "Count", "DynamicMacs", "self_attention_macs", "cross_attention_macs", "mlp_macs",
+    "dit_block_macs", "flux_double_block_macs", "flux_single_block_macs", "pixart_block_macs",
+    "latte_spatial_block_macs", "latte_temporal_block_macs", "flops_ratio",
+]
+
+
+def _active(active: Count | None, total: Count) -> Count:
+    """`active` if given, else `total`; Python numbers larger than `total` are an error."""
+    if active is None:
+        return total
+    if not isinstance(active, Tensor) and not isinstance(total, Tensor) and active > total:
+        raise ValueError(f"active count must not exceed the total {total}, got {active}")
+    return active
+
+
+def _hidden(width: int, mlp_ratio: float) -> int:
+    """MLP hidden width D = ``int(dim * mult)`` as in diffusers, robust to ``mlp_ratio = D / C``.
+
+    fl(D/C)·C can land just below D (D = 1, C = 49), so a product within 1e-9 of an integer is that
+    integer.
+    """
+    product = width * mlp_ratio
+    nearest = round(product)
+    return nearest if math.isclose(product, nearest, rel_tol=1e-9) else int(product)
+
+
+def self_attention_macs(
+    *, tokens: Count, width: int, head_dim: int, heads: int, active_heads: Count | None = None
+) -> Count:
+    """Self-attention MACs per sample: ĥ·C_H·(4·C·N + 2·N²) (§5.2, A = 4NC² + 2N²C at full width).
+
+    Q/K/V project C → ĥC_H and O projects ĥC_H → C on all N tokens (4·N·C·ĥC_H); QKᵀ and A·V cost
+    N²·ĥC_H each.
+    """
+    h = _active(active_heads, heads)
+    return h * head_dim * (4 * width * tokens + 2 * tokens * tokens)
+
+
+def cross_attention_macs(
+    *,
+    tokens: Count,
+    context_tokens: Count,
+    width: int,
+    context_width: int | None = None,
+    head_dim: int,
+    heads: int,
+    active_heads: Count | None = None,
+) -> Count:
+    """Cross-attention MACs per sample: ĥC_H·(2·C·N + 2·C_ctx·M + 2·N·M) (§5.3, PixArt-α).
+
+    Q and O act on the N tokens (width C), K and V on the M context tokens (width C_ctx, default C);
+    the core costs 2·N·M·ĥC_H. At full width with C_ctx = C: 2NC² + 2MC² + 2NMC.
+    """
+    h = _active(active_heads, heads)
+    ctx_width = width if context_width is None else context_width
+    linear = 2 * width * tokens + 2 * ctx_width * context_tokens
+    return h * head_dim * (linear + 2 * tokens * context_tokens)
+
+
+def mlp_macs(*, width: int, hidden: int, tokens: Count, group_fraction: Count = 1) -> Count:
+    """MLP MACs per sample: 2·C·D·(ĝ/G)·ñ (§5.2, M = 8NC² at D = 4C, ĝ = G, ñ = N).
+
+    ``tokens`` is the number of tokens that run the MLP (ñ after SDT), ``group_fraction`` ĝ/G.
+    """
+    return 2 * width * hidden * group_fraction * tokens
+
+
+def dit_block_macs(
+    *,
+    tokens: Count,
+    width: int,
+    heads: int,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+    group_fraction: Count = 1,
+    active_tokens: Count | None = None,
+) -> Count:
+    """DiT block MACs per sample: (ĥ/H)·A + (ĝ/G)·(ñ/N)·M (§5.2), C_H = C/H.
+
+    Attention always sees all N tokens; SDT only shortens the MLP (§3.1).
+    """
+    if width % heads:
+        raise ValueError(f"width {width} must be a multiple of heads {heads}")
+    attn = self_attention_macs(
+        tokens=tokens, width=width, head_dim=width // heads, heads=heads, active_heads=active_heads
+    )
+    mlp = mlp_macs(
+        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
+        tokens=_active(active_tokens, tokens),
+    )
+    return attn + mlp
+
+
+def flux_double_block_macs(
+    *,
+    image_tokens: int,
+    text_tokens: int,
+    width: int,
+    head_dim: int,
+    heads: int,
+    image_group_fraction: Count = 1,
+    text_group_fraction: Count = 1,
+    active_image_tokens: Count | None = None,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+) -> Count:
+    """FLUX double-stream block MACs per sample (§5.3, §9.2).
+
+    Joint attention over N = N_i + N_t tokens, one head mask for both streams:
+    ĥC_H·(4·C·N + 2·N²). Image FFN 2·C·D·(ĝ_i/G)·ñ_i (token-routed), text FFN 2·C·D·(ĝ_t/G)·N_t.
+    Full width: 12C²N + 2N²C.
+    """
+    hidden = _hidden(width, mlp_ratio)
+    attn = self_attention_macs(
+        tokens=image_tokens + text_tokens, width=width, head_dim=head_dim, heads=heads,
+        active_heads=active_heads,
+    )
+    image_ffn = mlp_macs(
+        width=width, hidden=hidden, group_fraction=image_group_fraction,
+        tokens=_active(active_image_tokens, image_tokens),
+    )
+    text_ffn = mlp_macs(width=width, hidden=hidden, group_fraction=text_group_fraction, tokens=text_tokens)
+    return attn + image_ffn + text_ffn
+
+
+def flux_single_block_macs(
+    *,
+    image_tokens: int,
+    text_tokens: int,
+    width: int,
+    head_dim: int,
+    heads: int,
+    group_fraction: Count = 1,
+    active_image_tokens: Count | None = None,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+) -> Count:
+    """FLUX single-stream block MACs per sample (§5.3, §9.3).
+
+    qkv = 3·C·ĥC_H·N and core = 2·N²·ĥC_H for all N tokens; proj_mlp = C·D·(ĝ/G)·ñ and the fused
+    proj_out = C·(ĥC_H + D·ĝ/G)·ñ only for the ñ = N_t + ñ_i tokens that update the residual. A
+    skipped image token saves proj_mlp and proj_out (9C² of 12C² at full width) but still pays its
+    Q/K/V and core share. Full width: 12C²N + 2N²C.
+    """
+    tokens = image_tokens + text_tokens
+    inner = _active(active_heads, heads) * head_dim
+    routed = text_tokens + _active(active_image_tokens, image_tokens)
+    mlp_inner = _hidden(width, mlp_ratio) * group_fraction
+    qkv = 3 * width * inner * tokens
+    core = 2 * tokens * tokens * inner
+    proj_mlp = width * mlp_inner * routed
+    proj_out = width * (inner + mlp_inner) * routed
+    return qkv + core + proj_mlp + proj_out
+
+
+def pixart_block_macs(
+    *,
+    tokens: Count,
+    context_tokens: int,
+    width: int,
+    head_dim: int,
+    heads: int,
+    group_fraction: Count = 1,
+    active_tokens: Count | None = None,
+    cross_heads: Count | None = None,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+    context_width: int | None = None,
+) -> Count:
+    """PixArt-α block MACs per sample (§5.3, §10): self-attn + cross-attn to M_c tokens + MLP.
+
+    ``cross_heads`` is the active cross-attention head count (None: static, all ``heads``).
+    """
+    self_attn = self_attention_macs(
+        tokens=tokens, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
+    )
+    cross_attn = cross_attention_macs(
+        tokens=tokens, context_tokens=context_tokens, width=width, context_width=context_width,
+        head_dim=head_dim, heads=heads, active_heads=cross_heads,
+    )
+    mlp = mlp_macs(
+        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
+        tokens=_active(active_tokens, tokens),
+    )
+    return self_attn + cross_attn + mlp
+
+
+def latte_spatial_block_macs(
+    *,
+    frames: int,
+    tokens_per_frame: int,
+    width: int,
+    head_dim: int,
+    heads: int,
+    group_fraction: Count = 1,
+    active_tokens: Count | None = None,
+    context_tokens: int = 0,
+    cross_heads: Count | None = None,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+    context_width: int | None = None,
+) -> Count:
+    """Latte spatial block MACs per clip (§5.3, §11): F·ĥC_H·(4·C·S + 2·S²) + MLP over ñ ≤ F·S.
+
+    With ``context_tokens`` > 0 (T2V) each frame also cross-attends to the M context tokens as in
+    PixArt-α; ``active_tokens`` counts over all F·S tokens of the clip.
+    """
+    attn = frames * self_attention_macs(
+        tokens=tokens_per_frame, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
+    )
+    if context_tokens:
+        attn = attn + frames * cross_attention_macs(
+            tokens=tokens_per_frame, context_tokens=context_tokens, width=width,
+            context_width=context_width, head_dim=head_dim, heads=heads, active_heads=cross_heads,
+        )
+    mlp = mlp_macs(
+        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
+        tokens=_active(active_tokens, frames * tokens_per_frame),
+    )
+    return attn + mlp
+
+
+def latte_temporal_block_macs(
+    *,
+    frames: int,
+    tokens_per_frame: int,
+    width: int,
+    head_dim: int,
+    heads: int,
+    group_fraction: Count = 1,
+    active_tokens: Count | None = None,
+    mlp_ratio: float = 4,
+    active_heads: Count | None = None,
+) -> Count:
+    """Latte temporal block MACs per clip (§5.3, §11): S·ĥC_H·(4·C·F + 2·F²) + MLP over ñ ≤ F·S."""
+    attn = tokens_per_frame * self_attention_macs(
+        tokens=frames, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
+    )
+    mlp = mlp_macs(
+        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
+        tokens=_active(active_tokens, frames * tokens_per_frame),
+    )
+    return attn + mlp
+
+
+@runtime_checkable
+class DynamicMacs(Protocol):
+    """What a dynamic block implements so that :func:`flops_ratio` can find it."""
+
+    def last_macs(self) -> tuple[Tensor, float] | None:
+        """(per-sample MACs [B] of the last forward, full-width MACs); None before any forward."""
+
+
+def _dynamic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules defining ``last_macs``, outermost first; their descendants are not visited.
+
+    A block reports the MACs of everything inside it, so a nested implementer is never counted twice.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    skip: str | None = None
+    for name, module in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        if callable(getattr(module, "last_macs", None)):
+            found.append((name, module))
+            skip = f"{name}." if name else ""
+    return found
+
+
+def flops_ratio(model: nn.Module) -> Tensor:
+    """Per-sample FLOPs ratio r_b of the last forward, fp32 [B] (§5.2, Eq. for r_b).
+
+    r_b = Σ_blocks dynamic MACs_b / Σ_blocks full-width MACs, over every module that implements
+    ``last_macs()`` (:class:`DynamicMacs`). Differentiable through the per-block dynamic MACs.
+    """
+    modules = _dynamic_modules(model)
+    if not modules:
+        raise ValueError(
+            f"flops_ratio: {type(model).__name__} has no dynamic blocks (no module defines last_macs())"
+        )
+    dynamic: list[Tensor] = []
+    full = 0.0
+    for name, module in modules:
+        macs = module.last_macs()
+        if macs is None:
+            raise RuntimeError(
+                f"flops_ratio: block {name or '<root>'} ({type(module).__name__}) has no MACs "
+                "recorded; run a forward of the dynamic model first"
+            )
+        dynamic.append(torch.as_tensor(macs[0], dtype=torch.float32))
+        full += float(macs[1])
+    if full <= 0:
+        raise ValueError(f"flops_ratio: total full-width MACs must be positive, got {full}")
+    total = reduce(lambda acc, macs: acc + macs.to(acc.device), dynamic)
+    if total.dim() != 1:
+        raise ValueError(f"flops_ratio: expected per-sample MACs of shape [B], got {tuple(total.shape)}")
+    return total / full

@@ -1,0 +1,330 @@
+"""Analytic MACs (method.md §5) against the official constants, torch's FlopCounterMode and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dydit_scale.dynamic.flops import (
+    cross_attention_macs,
+    dit_block_macs,
+    flops_ratio,
+    flux_double_block_macs,
+    flux_single_block_macs,
+    latte_spatial_block_macs,
+    latte_temporal_block_macs,
+    mlp_macs,
+    pixart_block_macs,
+    self_attention_macs,
+)
+from dydit_scale.models.tiny import tiny_transformer
+
+# --------------------------------------------------------------------------- official constants
+
+
+@pytest.mark.parametrize(
+    ("layers", "width", "heads", "attn_macs", "mlp_macs_", "total_gmacs"),
+    [
+        (12, 384, 6, 201_326_592, 301_989_888, 6.04),  # DiT-S/2
+        (12, 768, 12, 704_643_072, 1_207_959_552, 22.95),  # DiT-B/2
+        (28, 1152, 16, 1_509_949_440, 2_717_908_992, 118.38),  # DiT-XL/2
+    ],
+)
+def test_dit_block_macs_match_official_constants(layers, width, heads, attn_macs, mlp_macs_, total_gmacs):
+    """§5.2 table: A and M per block in GMACs (the [C] loss.py constants), exact; L·(A+M) to 0.01 G."""
+    head_dim = width // heads
+    attn = self_attention_macs(tokens=256, width=width, head_dim=head_dim, heads=heads)
+    mlp = mlp_macs(width=width, hidden=4 * width, group_fraction=1, tokens=256)
+    block = dit_block_macs(tokens=256, width=width, heads=heads)
+    assert (attn, mlp, block) == (attn_macs, mlp_macs_, attn_macs + mlp_macs_)
+    assert round(layers * block / 1e9, 2) == total_gmacs
+
+
+def test_flux_lite_macs_are_30_tera():
+    """§5.3/§9.4: 8 double + 38 single blocks, each 12C²N + 2N²C, = 30.0 T at 1024² with 512 text tokens."""
+    size = dict(image_tokens=4096, text_tokens=512, width=3072, head_dim=128, heads=24)
+    tokens, width = 4096 + 512, 3072
+    per_block = 12 * width**2 * tokens + 2 * tokens**2 * width
+    double, single = flux_double_block_macs(**size), flux_single_block_macs(**size)
+    assert double == single == per_block
+    total = 8 * double + 38 * single
+    assert total == 46 * per_block
+    assert round(total / 1e12, 1) == 30.0
+
+
+# --------------------------------------------------------------------------- FlopCounterMode, static
+
+
+def _counted_macs(block: nn.Module, excluded: tuple[str, ...] = (), **inputs) -> float:
+    """MACs torch counts in `block(**inputs)`, minus the §5.1-excluded submodules (FLOPs = 2·MACs).
+
+    On CPU torch has no FLOP formula for the fused SDPA kernel (it counts 0), so the math backend is
+    forced: it runs QKᵀ and A·V as bmm, which the counter does count.
+    """
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        block(**inputs)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(block).__name__
+    for name in excluded:
+        assert f"{root}.{name}" in counts, f"{name} not found; diffusers block layout changed"
+    return (counts[root] - sum(counts[f"{root}.{name}"] for name in excluded)) / 2
+
+
+def test_flux_double_block_macs_match_flop_counter():
+    block = tiny_transformer("flux").transformer_blocks[0]
+    batch, n_img, n_txt = 2, 12, 5
+    counted = _counted_macs(
+        block, excluded=("norm1", "norm1_context"),  # adaLN modulation linears
+        hidden_states=torch.randn(batch, n_img, 64), encoder_hidden_states=torch.randn(batch, n_txt, 64),
+        temb=torch.randn(batch, 64),
+    )
+    expected = flux_double_block_macs(image_tokens=n_img, text_tokens=n_txt, width=64, head_dim=16, heads=4)
+    assert counted == batch * expected
+
+
+def test_flux_single_block_macs_match_flop_counter():
+    block = tiny_transformer("flux").single_transformer_blocks[0]
+    batch, n_img, n_txt = 2, 12, 5
+    counted = _counted_macs(
+        block, excluded=("norm",),
+        hidden_states=torch.randn(batch, n_img, 64), encoder_hidden_states=torch.randn(batch, n_txt, 64),
+        temb=torch.randn(batch, 64),
+    )
+    expected = flux_single_block_macs(image_tokens=n_img, text_tokens=n_txt, width=64, head_dim=16, heads=4)
+    assert counted == batch * expected
+
+
+def test_pixart_block_macs_match_flop_counter():
+    """ada_norm_single blocks hold no modulation linear (it is global), so nothing is excluded."""
+    block = tiny_transformer("pixart").transformer_blocks[0]
+    batch, tokens, context = 2, 16, 7
+    counted = _counted_macs(
+        block, hidden_states=torch.randn(batch, tokens, 32),
+        encoder_hidden_states=torch.randn(batch, context, 32), timestep=torch.randn(batch, 6 * 32),
+    )
+    expected = pixart_block_macs(tokens=tokens, context_tokens=context, width=32, head_dim=8, heads=4)
+    assert counted == batch * expected
+
+
+def test_cross_attention_block_with_narrow_heads_matches_flop_counter():
+    """width ≠ heads·head_dim, context width ≠ width and D = 3C: catches swapped arguments."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    block = BasicTransformerBlock(
+        24, 2, 8, cross_attention_dim=20, activation_fn="gelu-approximate", ff_inner_dim=72,
+        attention_bias=True,
+    )
+    batch, tokens, context = 3, 11, 6
+    counted = _counted_macs(
+        block, hidden_states=torch.randn(batch, tokens, 24),
+        encoder_hidden_states=torch.randn(batch, context, 20),
+    )
+    expected = pixart_block_macs(
+        tokens=tokens, context_tokens=context, width=24, head_dim=8, heads=2, mlp_ratio=3,
+        context_width=20,
+    )
+    assert counted == batch * expected
+
+
+def test_latte_block_macs_match_flop_counter():
+    """Spatial blocks see [B·F, S, C] with T2V cross-attention, temporal blocks [B·S, F, C]."""
+    model = tiny_transformer("latte")
+    batch, frames, per_frame, context = 2, 4, 9, 5
+    size = dict(frames=frames, tokens_per_frame=per_frame, width=32, head_dim=8, heads=4)
+    spatial = _counted_macs(
+        model.transformer_blocks[0], hidden_states=torch.randn(batch * frames, per_frame, 32),
+        encoder_hidden_states=torch.randn(batch * frames, context, 32),
+        timestep=torch.randn(batch * frames, 6 * 32),
+    )
+    temporal = _counted_macs(
+        model.temporal_transformer_blocks[0], hidden_states=torch.randn(batch * per_frame, frames, 32),
+        timestep=torch.randn(batch * per_frame, 6 * 32),
+    )
+    assert spatial == batch * latte_spatial_block_macs(**size, context_tokens=context)
+    assert temporal == batch * latte_temporal_block_macs(**size)
+
+
+# --------------------------------------------------------------------------- FlopCounterMode, sliced
+
+
+def _sliced_qkv(x: Tensor, weights: list[Tensor], heads: list[int], head_dim: int) -> list[Tensor]:
+    """Q, K, V of the active heads only: the rows h·C_H … (h+1)·C_H − 1 of each weight (§2.5)."""
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    batch, tokens = x.shape[:2]
+    return [F.linear(x, w[rows]).view(batch, tokens, len(heads), head_dim).transpose(1, 2) for w in weights]
+
+
+
+def test_sliced_dit_block_matches_dynamic_formula():
+    """Active heads, active MLP groups and per-sample SDT token counts, executed sliced (§2.5, §3.3)."""
+    width, heads, groups, hidden = 48, 4, 4, 192
+    head_dim, group_width = width // heads, hidden // groups
+    w_q, w_k, w_v, w_o = (torch.randn(width, width) for _ in range(4))
+    fc1, fc2 = torch.randn(hidden, width), torch.randn(width, hidden)
+    active_heads, active_groups, keep = [0, 2, 3], [0, 3], torch.tensor([3, 10, 0])
+    x = torch.randn(3, 10, width)
+    cols = torch.cat([torch.arange(g * group_width, (g + 1) * group_width) for g in active_groups])
+    head_cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in active_heads])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        q, k, v = _sliced_qkv(x, [w_q, w_k, w_v], active_heads, head_dim)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + F.linear(attn, w_o[:, head_cols])
+        rows = torch.cat([x[b, : int(n)] for b, n in enumerate(keep)])  # SDT gather, flattened B·ñ
+        F.linear(F.gelu(F.linear(rows, fc1[cols])), fc2[:, cols])
+    expected = dit_block_macs(
+        tokens=10, width=width, heads=heads, active_heads=torch.tensor(3.0),
+        group_fraction=torch.tensor(len(active_groups) / groups), active_tokens=keep.float(),
+    )
+    assert counter.get_total_flops() / 2 == pytest.approx(expected.sum().item(), rel=1e-6)
+
+
+def test_sliced_flux_single_block_matches_dynamic_formula():
+    """Skipped image tokens pay Q/K/V and the core but neither proj_mlp nor proj_out (§5.3, §9.3)."""
+    width, heads, head_dim, hidden, groups = 64, 4, 16, 256, 4
+    n_txt, n_img, keep = 5, 12, torch.tensor([7, 12])
+    w_q, w_k, w_v = (torch.randn(width, width) for _ in range(3))
+    proj_mlp, proj_out = torch.randn(hidden, width), torch.randn(width, width + hidden)
+    active_heads, active_groups = [1, 3], [0, 1, 3]
+    x = torch.randn(2, n_txt + n_img, width)
+    head_cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in active_heads])
+    group_cols = torch.cat([torch.arange(g * 64, (g + 1) * 64) for g in active_groups])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        q, k, v = _sliced_qkv(x, [w_q, w_k, w_v], active_heads, head_dim)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        routed = [torch.arange(n_txt + int(n)) for n in keep]  # text first, then kept image tokens
+        h_rows = torch.cat([x[b, idx] for b, idx in enumerate(routed)])
+        a_rows = torch.cat([attn[b, idx] for b, idx in enumerate(routed)])
+        mlp = F.gelu(F.linear(h_rows, proj_mlp[group_cols]))
+        F.linear(torch.cat([a_rows, mlp], -1), proj_out[:, torch.cat([head_cols, width + group_cols])])
+    expected = flux_single_block_macs(
+        image_tokens=n_img, text_tokens=n_txt, width=width, head_dim=head_dim, heads=heads,
+        active_heads=len(active_heads), group_fraction=len(active_groups) / groups,
+        active_image_tokens=keep.float(),
+    )
+    assert counter.get_total_flops() / 2 == pytest.approx(expected.sum().item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- dynamic scaling
+
+
+def test_dit_dynamic_macs_scale_and_are_differentiable():
+    """§5.2: A_dyn = (ĥ/H)·A, M_dyn = (ĝ/G)·(ñ/N)·M, with autograd gradients A/H, M·ñ/N, M·ĝ/N."""
+    attn, mlp = 1_509_949_440.0, 2_717_908_992.0  # DiT-XL/2
+    h = torch.tensor([16.0, 4.0, 1.0], requires_grad=True)
+    g = torch.tensor([1.0, 0.5, 0.25], requires_grad=True)
+    n = torch.tensor([256.0, 128.0, 0.0], requires_grad=True)
+    macs = dit_block_macs(tokens=256, width=1152, heads=16, active_heads=h, group_fraction=g, active_tokens=n)
+    assert macs.dtype == torch.float32 and macs.shape == (3,)
+    torch.testing.assert_close(macs, attn * h.detach() / 16 + mlp * g.detach() * n.detach() / 256)
+    macs.sum().backward()
+    torch.testing.assert_close(h.grad, torch.full((3,), attn / 16))
+    torch.testing.assert_close(g.grad, mlp * n.detach() / 256)
+    torch.testing.assert_close(n.grad, mlp * g.detach() / 256)
+
+
+def test_flux_dynamic_macs_scale():
+    """Double: heads scale the joint attention; image/text group fractions and ñ_i scale their FFNs.
+    Single: ∂/∂ñ_i = C·D·ĝ/G + C·(ĥC_H + D·ĝ/G), i.e. 9C² at full width."""
+    c, n_i, n_t = 3072, 4096, 512
+    size = dict(image_tokens=n_i, text_tokens=n_t, width=c, head_dim=128, heads=24)
+    attn = self_attention_macs(tokens=n_i + n_t, width=c, head_dim=128, heads=24)
+    double = flux_double_block_macs(
+        **size, active_heads=6, image_group_fraction=0.5, text_group_fraction=0.25, active_image_tokens=1000
+    )
+    assert double == attn / 4 + 8 * c * c * (0.5 * 1000 + 0.25 * n_t)
+    keep = torch.tensor([0.0, 4096.0], requires_grad=True)
+    single = flux_single_block_macs(**size, active_image_tokens=keep)
+    full = flux_single_block_macs(**size)
+    torch.testing.assert_close(single, torch.tensor([full - 9 * c * c * n_i, full], dtype=torch.float32))
+    single.sum().backward()
+    torch.testing.assert_close(keep.grad, torch.full((2,), 9.0 * c * c))
+    heads = torch.tensor([12.0], requires_grad=True)
+    half = flux_single_block_macs(**size, active_heads=heads, group_fraction=0.5, active_image_tokens=2048)
+    (grad,) = torch.autograd.grad(half.sum(), heads)
+    # per head: Q/K/V + core on all N tokens, proj_out columns on the N_t + ñ_i routed tokens
+    n = n_i + n_t
+    assert grad.item() == pytest.approx(128 * (3 * c * n + 2 * n * n + c * (n_t + 2048)), rel=1e-6)
+
+
+def test_cross_heads_scale_only_cross_attention():
+    size = dict(tokens=256, context_tokens=120, width=1152, head_dim=72, heads=16)
+    cross = cross_attention_macs(**size)
+    assert cross == 2 * 256 * 1152**2 + 2 * 120 * 1152**2 + 2 * 256 * 120 * 1152  # §5.3, C_ctx = C
+    static = pixart_block_macs(**size)
+    assert pixart_block_macs(**size, cross_heads=16) == static
+    assert pixart_block_macs(**size, cross_heads=4) == static - cross * 3 / 4
+    assert pixart_block_macs(**size, active_heads=4) == static - 3 / 4 * self_attention_macs(
+        tokens=256, width=1152, head_dim=72, heads=16
+    )
+
+
+def test_latte_dynamic_macs_count_tokens_over_the_clip():
+    size = dict(frames=16, tokens_per_frame=256, width=1152, head_dim=72, heads=16)
+    mlp_full = 8 * 1152**2 * 16 * 256
+    for fn in (latte_spatial_block_macs, latte_temporal_block_macs):
+        assert fn(**size) - fn(**size, active_tokens=1024, group_fraction=0.5) == mlp_full * (1 - 0.5 / 4)
+    spatial_attn = latte_spatial_block_macs(**size) - mlp_full
+    temporal_attn = latte_temporal_block_macs(**size) - mlp_full
+    assert spatial_attn == 16 * 1152 * (4 * 1152 * 256 + 2 * 256**2)
+    assert temporal_attn == 256 * 1152 * (4 * 1152 * 16 + 2 * 16**2)
+    assert latte_spatial_block_macs(**size, cross_heads=2) == latte_spatial_block_macs(**size)  # no context
+
+
+def test_mlp_ratio_given_as_hidden_over_width_recovers_hidden():
+    """fl(1/49)·49 < 1: the hidden width must still come out as 1, not 0."""
+    attn = self_attention_macs(tokens=3, width=49, head_dim=7, heads=7)
+    assert dit_block_macs(tokens=3, width=49, heads=7, mlp_ratio=1 / 49) == attn + 2 * 49 * 1 * 3
+
+
+def test_active_count_above_total_is_an_error():
+    with pytest.raises(ValueError, match="must not exceed"):
+        dit_block_macs(tokens=16, width=32, heads=4, active_heads=5)
+    with pytest.raises(ValueError, match="must not exceed"):
+        flux_single_block_macs(image_tokens=4, text_tokens=2, width=8, head_dim=2, heads=4, active_image_tokens=5)
+
+
+# --------------------------------------------------------------------------- flops_ratio
+
+
+class _ToyBlock(nn.Module):
+    """Dynamic MACs = σ(logit_b)·full, recorded at forward time, like a masked block."""
+
+    def __init__(self, full_macs: float, batch: int, child: nn.Module | None = None, dtype=torch.float32):
+        super().__init__()
+        self.full_macs, self.child, self._macs = full_macs, child, None
+        self.logit = nn.Parameter(torch.randn(batch, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._macs = torch.sigmoid(self.logit) * self.full_macs
+        return x if self.child is None else self.child(x)
+
+    def last_macs(self) -> tuple[Tensor, float] | None:
+        return None if self._macs is None else (self._macs, self.full_macs)
+
+
+def test_flops_ratio_sums_dynamic_blocks_and_is_differentiable():
+    inner = _ToyBlock(1e6, 3)  # inside `outer`: outer reports for it, it must not count twice
+    first, outer = _ToyBlock(100.0, 3, dtype=torch.float64), _ToyBlock(300.0, 3, child=inner)
+    model = nn.Sequential(first, nn.Linear(2, 2), nn.Sequential(outer))
+    model(torch.randn(3, 2))
+    ratio = flops_ratio(model)
+    expected = (torch.sigmoid(first.logit.detach()).float() * 100 + torch.sigmoid(outer.logit.detach()) * 300) / 400
+    assert ratio.dtype == torch.float32 and ratio.shape == (3,)
+    torch.testing.assert_close(ratio, expected)
+    ratio.sum().backward()
+    sig = torch.sigmoid(outer.logit.detach())
+    torch.testing.assert_close(outer.logit.grad, sig * (1 - sig) * 300 / 400)
+    sig = torch.sigmoid(first.logit.detach())
+    torch.testing.assert_close(first.logit.grad, sig * (1 - sig) * 100 / 400)
+    assert inner.logit.grad is None
+
+
+def test_flops_ratio_without_dynamic_blocks_or_forward_is_an_error():
+    with pytest.raises(ValueError, match="no dynamic blocks"):
+        flops_ratio(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(RuntimeError, match=r"block 0 \(_ToyBlock\).*run a forward"):
+        flops_ratio(nn.Sequential(_ToyBlock(10.0, 2)))
