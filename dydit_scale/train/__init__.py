@@ -1,0 +1,1 @@
+"""Training: the loop, DeepSpeed config and engine, checkpoints, metrics."""
