@@ -41,3 +41,11 @@ def validate(argv: list[str] | None = None) -> int:
         print(f"{len(args.recipes)} recipe(s) valid")
     return 0
 
+
+
+
+def train(argv: list[str] | None = None) -> int:
+    """`dydit-train RECIPE [a.b=c ...]`: train under any launcher (deepspeed, torchrun, srun) or alone."""
+    from dydit_scale.train.entry import main
+
+    return main(argv)

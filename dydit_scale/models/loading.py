@@ -65,13 +65,15 @@ def load_transformer(path: str | Path, family: str | None = None, dtype: torch.d
     return cls.from_pretrained(transformer_folder(path), dtype=dtype, local_files_only=True)
 
 
-def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32):
-    """Load a whole local diffusers pipeline, optionally with our own (dynamic) transformer."""
+def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32,
+                  *, drop_transformer: bool = False):
+    """Load a whole local diffusers pipeline, optionally with our own (dynamic) transformer, or
+    without any transformer (`drop_transformer`, for encoding only)."""
     import diffusers
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise ModelFolderError(f"{path}: not a diffusers pipeline folder; expected model_index.json")
     cls = getattr(diffusers, FAMILY_CLASSES[detect_family(path)][1])
-    extra = {"transformer": transformer} if transformer is not None else {}
+    extra = {"transformer": transformer} if transformer is not None or drop_transformer else {}
     return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)

@@ -1,0 +1,201 @@
+"""`dydit-data pack SRC OUT`: a folder or a CSV/JSONL manifest of images/videos + captions → shards.
+
+SRC is either a folder (every image/video under it, captions from the `.txt` beside each file and
+metadata from an optional `.json`), or a manifest with a `path` and a `caption` column/field (paths
+relative to the manifest; other columns go into the sample's `.json`). Shards are written by
+`webdataset.ShardWriter` as `OUT/shard-%06d.tar.partial` and renamed when complete, so a shard
+file is always whole. `pack_progress.json` records, per finished shard, the next input item: a rerun
+after an interruption continues from there instead of starting over or duplicating samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dydit_scale.data.format import (
+    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_sizes, shard_pattern, write_json_atomic,
+    write_sizes,
+)
+
+PROGRESS_FILE = "pack_progress.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input item: a media file, its caption (None when missing) and extra metadata."""
+
+    path: str
+    caption: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="a folder of media files with .txt captions, or a .csv/.jsonl manifest")
+    parser.add_argument("out", help="output folder for shard-%%06d.tar and sizes.json")
+    parser.add_argument("--kind", choices=("auto", "image", "video"), default="auto",
+                        help="which media to pack (auto: whatever SRC holds, but not both)")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+    parser.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix")
+
+
+def _media_kind(path: str) -> str | None:
+    ext = path.rsplit(".", 1)[-1].lower()
+    return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
+
+
+def _from_folder(src: Path) -> list[Entry]:
+    entries = []
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and _media_kind(p.name)):
+        txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+        entries.append(Entry(str(path), caption, json.loads(meta.read_text()) if meta.is_file() else {}))
+    return entries
+
+
+def _from_manifest(src: Path) -> list[Entry]:
+    if src.suffix == ".csv":
+        with open(src, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = []
+    for n, row in enumerate(rows, start=1):
+        if "path" not in row:
+            raise DataFormatError(f"{src}: row {n}: expected a 'path' column/field, got {sorted(row)}")
+        path = row.pop("path")
+        caption = row.pop("caption", None)
+        entries.append(Entry(str(src.parent / path), caption.strip() if caption else None, row))
+    return entries
+
+
+def list_entries(src: str, kind: str) -> list[Entry]:
+    """The input items in a deterministic order (sorted folder walk, or manifest order)."""
+    path = Path(src)
+    if path.is_dir():
+        entries = _from_folder(path)
+    elif path.suffix in (".csv", ".jsonl") and path.is_file():
+        entries = _from_manifest(path)
+    else:
+        raise DataFormatError(f"pack: SRC {src!r}: expected a folder or a .csv/.jsonl manifest")
+    kinds = {_media_kind(e.path) for e in entries}
+    if kind == "auto" and len(kinds) > 1:
+        raise DataFormatError(f"pack: {src} holds both images and videos; pass --kind image or --kind video")
+    if kind != "auto":
+        entries = [e for e in entries if _media_kind(e.path) == kind]
+    unknown = [e.path for e in entries if _media_kind(e.path) is None]
+    if unknown:
+        raise DataFormatError(f"pack: {unknown[0]}: expected .{'|.'.join(IMAGE_EXTS + VIDEO_EXTS)}")
+    return entries
+
+
+def _fingerprint(entries: list[Entry], args: argparse.Namespace) -> str:
+    digest = hashlib.sha1(f"{args.max_count}:{args.max_size}:{args.prefix}".encode())
+    for entry in entries:
+        digest.update(f"{entry.path}\0{entry.caption}\n".encode())
+    return digest.hexdigest()
+
+
+def _load_progress(out: Path, fingerprint: str) -> dict[str, Any]:
+    path = out / PROGRESS_FILE
+    if path.is_file():
+        progress = json.loads(path.read_text())
+        if progress.get("fingerprint") != fingerprint:
+            raise DataFormatError(f"pack: {out} holds shards packed from other input or options; "
+                                  "pack into an empty folder (or delete it)")
+        return progress
+    if any(out.glob("*.tar")) or (out / SIZES_FILE).is_file():
+        raise DataFormatError(f"pack: {out} already holds shards not written by pack; use an empty folder")
+    return {"fingerprint": fingerprint, "shards": {}}
+
+
+def _sample(index: int, entry: Entry) -> dict[str, Any]:
+    ext = entry.path.rsplit(".", 1)[-1].lower()
+    sample = {"__key__": f"{index:09d}", {"jpeg": "jpg"}.get(ext, ext): Path(entry.path).read_bytes(),
+              "txt": entry.caption.encode("utf-8")}
+    sample["json"] = json.dumps({"source": entry.path, **entry.meta}).encode("utf-8")
+    return sample
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pack SRC into OUT; a bad input is one line on stderr and exit code 2."""
+    try:
+        return _pack(args)
+    except (DataFormatError, OSError) as exn:
+        print(f"dydit-data pack: {exn}", file=sys.stderr)
+        return 2
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    import webdataset as wds
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list_entries(args.src, args.kind)
+    progress = _load_progress(out, _fingerprint(entries, args))
+    done = progress["shards"]
+    start_item = max((s["next_item"] for s in done.values()), default=0)
+    for stale in out.glob("*.partial"):
+        stale.unlink()
+    state = {"next_item": start_item, "samples": 0, "files": {}}
+
+    def opener(fname: str):
+        state["files"][fname] = open(fname + ".partial", "wb")
+        return state["files"][fname]
+
+    def finished(fname: str) -> None:
+        f = state["files"].pop(fname)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        if state.get("interrupted"):
+            return  # leave the .partial: the next run deletes it and packs those items again
+        os.replace(fname + ".partial", fname)
+        name = os.path.basename(fname)
+        done[name] = {"samples": state["samples"], "next_item": state["next_item"]}
+        write_sizes(out, {name: state["samples"]})
+        write_json_atomic(out / PROGRESS_FILE, progress)
+        state["samples"] = 0
+
+    no_caption = 0
+    todo = entries[start_item:]
+    if todo:
+        writer = wds.ShardWriter(shard_pattern(out, args.prefix), maxcount=args.max_count, maxsize=args.max_size,
+                                 start_shard=len(done), verbose=0, opener=opener, post=finished)
+        with writer, tqdm(total=len(entries), initial=start_item, unit="sample", desc="pack") as bar:
+            try:
+                for index, entry in enumerate(todo, start=start_item):
+                    if entry.caption:
+                        writer.write(_sample(index, entry))
+                        state["samples"] += 1
+                    else:
+                        no_caption += 1
+                    state["next_item"] = index + 1
+                    bar.update(1)
+            except BaseException:
+                state["interrupted"] = True
+                raise
+    total = sum(read_sizes(out).values())
+    print(f"pack: {out}: {len(done)} shard(s), {total} sample(s)"
+          + (f"; resumed at item {start_item}" if start_item else "")
+          + (f"; {no_caption} item(s) without a caption left out" if no_caption else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dydit-data pack", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`dydit-data stats SHARDS...`: what the shards hold, and (with --write-sizes) their sizes.json.
+
+Reads each shard once without decoding pixels: sample kinds, bytes, caption lengths, image sizes
+from the file headers, video frame counts and sizes from decord's index. Useful to choose
+`data.resolution`, `num_frames` and the bucket range, and to (re)write sizes.json for shards that
+were not written by `dydit-data pack`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from typing import Any
+
+from dydit_scale.data.format import (
+    IMAGE_EXTS, VIDEO_EXTS, DataFormatError, expand_shard_spec, sample_kind, write_sizes,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", nargs="+", help="shard folders, brace patterns, globs or .tar files")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--write-sizes", action="store_true",
+                        help="write the counted samples into each folder's sizes.json")
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"min": min(values), "mean": round(sum(values) / len(values), 2), "max": max(values)}
+
+
+def _media_size(sample: dict[str, Any], kind: str) -> tuple[int, int, int] | None:
+    """(width, height, frames) from the image header / the decord index; None when unreadable."""
+    if kind == "image":
+        from PIL import Image, UnidentifiedImageError
+
+        data = next(sample[e] for e in IMAGE_EXTS if e in sample)
+        try:
+            width, height = Image.open(io.BytesIO(data)).size
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None
+        return width, height, 1
+    if kind == "video":
+        import decord
+
+        data = next(sample[e] for e in VIDEO_EXTS if e in sample)
+        try:
+            reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+            height, width = reader[0].shape[:2]
+        except (decord.DECORDError, RuntimeError, IndexError):
+            return None
+        return width, height, len(reader)
+    return None
+
+
+def shard_stats(path: str) -> dict[str, Any]:
+    """Counts and distributions of one shard."""
+    import webdataset as wds
+
+    errors: list[Exception] = []
+    kinds: Counter[str] = Counter()
+    values: dict[str, list[float]] = defaultdict(list)
+    samples = 0
+
+    def keep(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    for sample in wds.tarfile_to_samples(handler=keep)(iter([{"url": path}])):
+        samples += 1
+        try:
+            kind = sample_kind(sample)
+        except DataFormatError:
+            kind = "no_media"
+        kinds[kind] += 1
+        values["bytes"].append(sum(len(v) for k, v in sample.items() if isinstance(v, bytes)))
+        if "txt" in sample:
+            values["caption_words"].append(len(sample["txt"].decode("utf-8", "replace").split()))
+        size = _media_size(sample, kind)
+        if size is not None:
+            values["width"].append(size[0])
+            values["height"].append(size[1])
+            values["aspect"].append(round(size[0] / size[1], 3))
+            if kind == "video":
+                values["frames"].append(size[2])
+    return {"samples": samples, "kinds": dict(kinds), "corrupt": bool(errors),
+            **{name: _summary(v) for name, v in values.items()}}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print per-shard and total statistics; optionally write sizes.json."""
+    try:
+        paths = expand_shard_spec(args.shards, where="stats SHARDS")
+    except DataFormatError as exn:
+        print(f"dydit-data stats: {exn}", file=sys.stderr)
+        return 2
+    shards = {path: shard_stats(path) for path in paths}
+    if args.write_sizes:
+        by_folder: dict[str, dict[str, int]] = defaultdict(dict)
+        for path, stats in shards.items():
+            by_folder[os.path.dirname(os.path.abspath(path))][os.path.basename(path)] = stats["samples"]
+        for folder, sizes in by_folder.items():
+            write_sizes(folder, sizes)
+    kinds: Counter[str] = Counter()
+    for stats in shards.values():
+        kinds.update(stats["kinds"])
+    total = {"shards": len(shards), "samples": sum(s["samples"] for s in shards.values()), "kinds": dict(kinds),
+             "bytes": sum(s.get("bytes", {}).get("mean", 0) * s["samples"] for s in shards.values())}
+    if args.json:
+        print(json.dumps({"total": total, "shards": shards}, indent=1))
+        return 0
+    print(f"{'shard':<24} {'samples':>8} {'MB':>8} {'width':>16} {'height':>16} {'frames':>12} {'words':>12}")
+    for path, s in shards.items():
+        def rng(name: str) -> str:
+            return f"{s[name]['min']:g}-{s[name]['max']:g}" if s.get(name) else "-"
+        mb = s.get("bytes", {}).get("mean", 0) * s["samples"] / 1e6
+        print(f"{os.path.basename(path):<24} {s['samples']:>8} {mb:>8.1f} {rng('width'):>16} {rng('height'):>16} "
+              f"{rng('frames'):>12} {rng('caption_words'):>12}" + ("  CORRUPT" if s["corrupt"] else ""))
+    print(f"{'total':<24} {total['samples']:>8} {total['bytes'] / 1e6:>8.1f}  kinds: {total['kinds']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dydit-data stats", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

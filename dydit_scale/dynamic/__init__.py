@@ -1,0 +1,1 @@
+"""DyDiT mechanics, torch only: routers, masked execution, magnitude ranking, analytic FLOPs."""

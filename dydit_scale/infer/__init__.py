@@ -1,0 +1,1 @@
+"""Inference: pictures of samples and schedules (the fast dynamic path lives here too)."""

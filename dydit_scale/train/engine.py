@@ -1,0 +1,88 @@
+"""DeepSpeed engine construction: parameter groups, LR schedule, and a ZeRO-3-correct EMA.
+
+DeepSpeed is driven directly (`deepspeed.initialize`); accelerate mis-detects ranks on CPU (stack §3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from dydit_scale import dist
+from dydit_scale.config import Recipe
+from dydit_scale.train.ds_config import build_ds_config
+
+
+def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: routers (lr × dynamic.router_lr_scale) and the rest."""
+    routers, others = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (routers if "router" in name else others).append(param)
+    lr = recipe.optim.lr
+    groups = [{"params": others, "lr": lr, "name": "weights"},
+              {"params": routers, "lr": lr * recipe.dynamic.router_lr_scale, "name": "routers"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(recipe: Recipe):
+    """Multiplier of each group's base LR at optimizer step s: linear warm-up, then the schedule."""
+    warmup, total, kind = recipe.optim.warmup_steps, recipe.train.steps, recipe.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, recipe: Recipe):
+    """`deepspeed.initialize` with the recipe-derived config, our groups and LR schedule."""
+    import deepspeed
+
+    config = build_ds_config(recipe, dist.world_size(), torch_adam=not torch.cuda.is_available())
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, recipe), config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
+    )
+    return engine, optimizer, scheduler
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept in fp32 (method spec P21).
+
+    Under ZeRO-3 each rank averages only its own partition (`param.ds_tensor`), so the EMA is
+    sharded exactly like the parameters and costs 1/world of a full copy; otherwise the full
+    parameter is averaged. State dicts are per rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}
+
+    @staticmethod
+    def _local(param: torch.nn.Parameter) -> torch.Tensor:
+        return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, param in self.params.items():
+            self.shadow[name].lerp_(self._local(param).float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        for name, tensor in state.items():
+            if name in self.shadow:
+                self.shadow[name].copy_(tensor)

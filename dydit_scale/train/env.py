@@ -1,0 +1,76 @@
+"""Process-group start-up under any launcher, and the run's `env.json` (versions, world size, git SHA)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+from dydit_scale import dist
+from dydit_scale.config import Recipe
+from dydit_scale.io import atomic_write_json
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(recipe: Recipe) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA).
+
+    `deepspeed`, `torchrun` set RANK/WORLD_SIZE/MASTER_*; under `srun` the SLURM variables are mapped;
+    a plain `dydit-train` becomes a world of one on loopback (DeepSpeed would otherwise try MPI).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.setup_logging()
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (per-call tokenizer truncation notes, pipeline bars) out of run logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_env(path: Path) -> None:
+    """Versions of the stack, git SHA, host and world size, for reproducing a run."""
+    packages = ("torch", "deepspeed", "diffusers", "transformers", "peft", "webdataset", "dydit_scale")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    atomic_write_json(path, {"versions": versions, "python": platform.python_version(), "git_sha": _git_sha(),
+                             "host": socket.gethostname(), "world_size": dist.world_size(),
+                             "cuda": torch.cuda.is_available()})

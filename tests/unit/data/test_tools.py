@@ -1,0 +1,156 @@
+"""`dydit-data` subcommands, called through their own parsers: validate, pack, stats, synth, encode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from shard_fixtures import png_bytes
+
+from data_tools import encode, pack, stats, synth_shards, validate
+from dydit_scale.config import DataConfig
+from dydit_scale.data import build_loader
+from dydit_scale.data.format import read_sizes
+
+
+def _run(module, argv: list[str], *, add=None, run=None) -> int:
+    parser = argparse.ArgumentParser()
+    (add or module.add_arguments)(parser)
+    return (run or module.run)(parser.parse_args(argv))
+
+
+def _keys(folder: Path) -> dict[str, list[str]]:
+    out = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            out[tar.name] = sorted({m.name.split(".", 1)[0] for m in t.getmembers()})
+    return out
+
+
+def test_validate_json_reports_every_reason_per_shard(bad_image_shards, tmp_path, capsys):
+    quarantine = tmp_path / "bad.tsv"
+    code = _run(validate, [str(bad_image_shards), "--json", "--min-side", "16", "--quarantine", str(quarantine)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert report["samples"] == 12 + 7 + 4
+    assert report["bad"] == {"corrupt_tar": 1, "decode_error": 2, "missing_caption": 1, "missing_media": 1,
+                             "too_small": 1}
+    shards = {Path(p).name: r for p, r in report["shards"].items()}
+    assert shards["shard-000000.tar"] == {"samples": 12, "bad": {}}
+    assert shards["shard-000002.tar"]["sizes_json"] == 6  # sizes.json says 6, the tar holds 4
+    lines = quarantine.read_text().splitlines()
+    assert len(lines) == 6 and any("\tnocaption\tmissing_caption\t" in line for line in lines)
+
+
+def test_validate_clean_shards_exit_0(clean_image_shards, capsys):
+    assert _run(validate, [str(clean_image_shards), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bad"] == {}
+
+
+def test_validate_frames_counts_short_clips(tmp_path, capsys):
+    synth = ["--shards", "video", str(tmp_path / "v"), "--count", "2", "--frames", "6"]
+    assert _run(synth_shards, synth, add=synth_shards.add_shard_arguments, run=synth_shards.run_shards) == 0
+    assert _run(validate, [str(tmp_path / "v"), "--json", "--frames", "8"]) == 1
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["bad"] == {"video_too_short": 2}
+    assert _run(validate, [str(tmp_path / "v"), "--json", "--frames", "6"]) == 0
+
+
+def test_validate_unknown_spec_is_exit_2(tmp_path, capsys):
+    assert _run(validate, [str(tmp_path / "none-*.tar")]) == 2
+    assert "matches no shard file" in capsys.readouterr().err
+
+
+def _image_folder(root: Path, count: int) -> Path:
+    root.mkdir()
+    for i in range(count):
+        (root / f"img{i:02d}.png").write_bytes(png_bytes((40, 40), (i * 20, 0, 0)))
+        if i != 4:  # one image without its caption
+            (root / f"img{i:02d}.txt").write_text(f"a red square number {i}")
+    return root
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_pack_resumes_after_an_interruption_without_duplicates(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src", 11)
+    assert _run(pack, [str(src), str(tmp_path / "clean"), "--max-count", "3"]) == 0
+    original = pack._sample
+
+    def failing(index, entry):
+        if index == 8:
+            raise _Interrupt
+        return original(index, entry)
+
+    monkeypatch.setattr(pack, "_sample", failing)
+    with pytest.raises(_Interrupt):
+        _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"])
+    assert len(_keys(tmp_path / "resumed")) == 2  # two whole shards; the third stayed .partial
+    monkeypatch.setattr(pack, "_sample", original)
+    assert _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"]) == 0
+    assert _keys(tmp_path / "resumed") == _keys(tmp_path / "clean")
+    assert read_sizes(tmp_path / "resumed") == read_sizes(tmp_path / "clean") == {
+        "shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 3, "shard-000003.tar": 1}
+    assert not list((tmp_path / "resumed").glob("*.partial"))
+    assert _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"]) == 0  # nothing left: no-op
+    assert _keys(tmp_path / "resumed") == _keys(tmp_path / "clean")
+
+
+def test_pack_csv_manifest_then_validate(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", 4)
+    rows = "path,caption,licence\n" + "".join(f"src/img{i:02d}.png,caption {i},cc0\n" for i in range(4))
+    (tmp_path / "m.csv").write_text(rows)
+    assert _run(pack, [str(tmp_path / "m.csv"), str(tmp_path / "out")]) == 0
+    assert _run(validate, [str(tmp_path / "out"), "--json"]) == 0
+    assert "licence" in (tmp_path / "out" / "shard-000000.tar").read_bytes().decode("latin-1")
+    del src
+
+
+def test_pack_refuses_a_folder_packed_from_other_input(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", 3)
+    assert _run(pack, [str(src), str(tmp_path / "out")]) == 0
+    assert _run(pack, [str(src), str(tmp_path / "out"), "--max-count", "1"]) == 2
+    assert "other input or options" in capsys.readouterr().err
+
+
+def test_stats_counts_and_writes_sizes(clean_image_shards, tmp_path, capsys):
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes((clean_image_shards / "shard-000000.tar").read_bytes())
+    assert _run(stats, [str(copy), "--json", "--write-sizes"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"]["samples"] == 9 and report["total"]["kinds"] == {"image": 9}
+    assert read_sizes(tmp_path) == {"copy.tar": 9}
+    shard = report["shards"][str(copy)]
+    assert shard["width"]["min"] == 32 and shard["width"]["max"] == 48
+
+
+def test_synth_image_shards_load(tmp_path):
+    argv = ["--shards", "image", str(tmp_path), "--count", "10", "--per-shard", "4"]
+    assert _run(synth_shards, argv) == 0
+    assert read_sizes(tmp_path) == {"shard-000000.tar": 4, "shard-000001.tar": 4, "shard-000002.tar": 2}
+    batch = next(iter(build_loader(DataConfig(shards=str(tmp_path), resolution=64, batch_size=2, workers=0),
+                                   seed=0, rank=0, world_size=1)))
+    assert all(c.startswith("a ") and " at the " in c for c in batch["captions"])
+
+
+@pytest.mark.slow
+def test_encode_writes_pre_encoded_shards_and_resumes(tmp_path, capsys):
+    from dydit_scale.models.tiny import write_tiny_pipeline
+
+    write_tiny_pipeline("flux", str(tmp_path / "flux"))
+    assert _run(synth_shards, ["--shards", "image", str(tmp_path / "img"), "--count", "6", "--per-shard", "3"]) == 0
+    argv = [str(tmp_path / "img"), str(tmp_path / "enc"), "--model", str(tmp_path / "flux"), "--resolution", "64",
+            "--batch-size", "2", "--max-text-tokens", "8"]
+    assert _run(encode, argv) == 0
+    assert read_sizes(tmp_path / "enc") == {"shard-000000.tar": 3, "shard-000001.tar": 3}
+    batch = next(iter(build_loader(DataConfig(shards=str(tmp_path / "enc"), batch_size=2, workers=0),
+                                   seed=0, rank=0, world_size=1)))
+    assert batch["latents"].shape[:2] == (2, 4) and batch["text_embeds"].shape == (2, 8, 32)
+    assert batch["pooled_embeds"].shape == (2, 32) and batch["text_mask"].shape == (2, 8)
+    capsys.readouterr()
+    assert _run(encode, argv) == 0
+    assert "2 already done" in capsys.readouterr().out
