@@ -39,6 +39,7 @@ from dydit_scale.train.engine import EMA, build_engine
 from dydit_scale.train.env import init_distributed, write_env
 from dydit_scale.train.metrics import MetricsLog
 from dydit_scale.train.validation import Validator
+from dydit_scale.train.watchdog import start_from_env as start_watchdog
 
 log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -55,6 +56,8 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         init_distributed(recipe)
+        self._failed = False
+        self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank (issue 8)
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
         self.family = FAMILIES[recipe.model.family]
@@ -173,7 +176,7 @@ class Trainer:
             keys.extend(batch["keys"])
             parts = self._micro_step(batch, micro * dist.world_size() + dist.rank())
             for key, value in parts.items():
-                sums[key] += float(value) / self.recipe.train.grad_accum
+                sums[key] += float(value.detach()) / self.recipe.train.grad_accum
         if self.ema is not None:
             self.ema.update()
         self.step += 1
@@ -193,7 +196,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> None:
         """Run to `train.steps`, checkpointing every `checkpoint.every_steps`, at the end, and on
-        SIGTERM/SIGUSR1 (then exit cleanly, so a requeued job resumes)."""
+        SIGTERM/SIGUSR1 (then exit cleanly, so a requeued job resumes). A failed collective waits for
+        the watchdog's verdict, so the exit names the rank that died instead of a gloo traceback."""
+        try:
+            self._train()
+        except Exception as err:
+            self._failed = True
+            if self.watchdog is not None:
+                self.watchdog.explain(err)
+            raise
+
+    def _train(self) -> None:
         self._install_signal_handlers()
         batches = iter(_forever(self.loader))
         total = self.recipe.train.steps
@@ -239,8 +252,11 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.watchdog is not None:
+            self.watchdog.stop()  # before the barrier: a rank that finished first is not a dead rank
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if not self._failed:  # after a failed collective the barrier would only fail again
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import launch
 
@@ -57,14 +58,16 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, flux_dir, s
     assert _losses(tmp_path / "two", "flops_ratio") == pytest.approx(_losses(tmp_path / "one", "flops_ratio"), abs=1e-6)
 
 
-def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, flux_dir):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, flux_dir, stage):
+    """Losses, sample keys and the (per-rank, ZeRO-3 partition-local) EMA continue exactly."""
     shards = tmp_path / "shards"
     from dydit_scale.data.synthetic import write_synthetic_shards
 
     write_synthetic_shards(shards, "image", 32, per_shard=8)
     common = [*COMMON, f"model.path={flux_dir}", f"data.shards={shards}", "data.batch_size=2",
               "data.shuffle_buffer=8", "train.steps=4", "checkpoint.every_steps=2", "log.sample_ledger=true",
-              f"run.output_dir={tmp_path}"]
+              f"train.zero_stage={stage}", "train.ema_decay=0.9", f"run.output_dir={tmp_path}"]
     launch.train([*common, "run.name=full"], ranks=2)
     launch.train([*common, "run.name=resumed", f"checkpoint.resume={tmp_path / 'full/checkpoints/step-0000002'}"], ranks=2)
     full, resumed = launch.metrics(tmp_path / "full"), launch.metrics(tmp_path / "resumed")
@@ -74,6 +77,11 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, flu
     for rank in (0, 1):
         ledger = lambda run: [json.loads(l) for l in (tmp_path / run / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]
         assert ledger("resumed") == ledger("full")[2:]
+        ema = lambda run: load_file(tmp_path / run / "checkpoints" / "step-0000004" / f"ema-rank{rank}.safetensors")
+        full_ema, resumed_ema = ema("full"), ema("resumed")
+        assert full_ema.keys() == resumed_ema.keys() and full_ema
+        for key in full_ema:
+            torch.testing.assert_close(resumed_ema[key], full_ema[key], rtol=0, atol=1e-6)
 
 
 def test_kill_during_save_resumes_from_the_previous_checkpoint(tmp_path, flux_dir, same_shards):
