@@ -1,19 +1,45 @@
 #!/usr/bin/env bash
 # End-to-end CPU demo on the built-in tiny default (recipes/tiny_cpu.yaml), from a clean clone:
 #   bash launchers/demo_cpu.sh
-# Sets up .venv, synthesises a tiny random-init FLUX pipeline and synthetic image shards under
-# runs/demo/, and validates the recipe. Knobs: DEMO_DIR (default runs/demo).
+# Sets up .venv, synthesises a tiny random-init FLUX pipeline and synthetic shape shards, trains
+# DyFLUX with TD-LoRA on 2 ranks with DeepSpeed ZeRO-2 on the CPU accelerator, and prints where
+# every output is. Everything lands under runs/demo/. Knobs: NGPU (ranks, default 2), STEPS,
+# DEMO_DIR (folder of the run folder, default runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-echo "== installing dydit_scale into .venv (first run: about a minute)"
+echo "== [1/3] installing dydit_scale into .venv (first run: about a minute)"
 DS_BUILD_OPS=0 python -m pip install -q -e '.[video,dev]'
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"
-DEMO_DIR=${DEMO_DIR:-runs/demo}
+DEMO_DIR=${DEMO_DIR:-runs}
+RUN=$DEMO_DIR/demo
+NGPU=${NGPU:-2}
+STEPS=${STEPS:-60}
 
-echo "== validating the recipe"
+echo "== [2/3] tiny FLUX pipeline and synthetic shards under $RUN"
 dydit-validate recipes/tiny_cpu.yaml
-echo "== tiny FLUX pipeline -> $DEMO_DIR/tiny_flux"
-dydit-data synth --tiny-model flux "$DEMO_DIR/tiny_flux"
+[ -f "$RUN/tiny_flux/model_index.json" ] || dydit-data synth --tiny-model flux "$RUN/tiny_flux"
+[ -f "$RUN/shards/sizes.json" ] || dydit-data synth --shards image "$RUN/shards" --count 256 --per-shard 32
+
+echo "== [3/3] training DyFLUX + TD-LoRA, $NGPU ranks, DeepSpeed ZeRO-2 (CPU), $STEPS steps"
+echo "   (the first launch compiles DeepSpeed's shared-memory op once: ~30 s)"
+PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+deepspeed --num_gpus "$NGPU" --master_port "$PORT" --module dydit_scale.train recipes/tiny_cpu.yaml \
+  "train.steps=$STEPS" "run.output_dir=$DEMO_DIR" "model.path=$RUN/tiny_flux" "data.shards=$RUN/shards"
+
+echo
+echo "== outputs"
+echo "   recipe, versions:     $RUN/recipe.yaml  $RUN/env.json"
+echo "   metrics (1 line/step): $RUN/metrics.jsonl   (flops_ratio follows lambda_eff down to 0.6)"
+echo "   TensorBoard:          tensorboard --logdir $RUN/tb"
+echo "   checkpoints:          $RUN/checkpoints/ (routers.safetensors + td_lora.safetensors beside DeepSpeed state)"
+echo "   sample grids:         $RUN/samples/"
+python - "$RUN/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+first, last = rows[0], rows[-1]
+print(f"   FLOPs ratio: step {first['step']} {first['flops_ratio']:.3f} -> step {last['step']} {last['flops_ratio']:.3f} "
+      f"(target {last['lambda_eff']:.2f}); diffusion loss {first['diffusion_loss']:.3f} -> {last['diffusion_loss']:.3f}")
+PY
