@@ -77,7 +77,9 @@ class Validator:
 
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         images = []
-        with gather:
+        # The frozen encoders and VAE stay fp32; a bf16 transformer then needs autocast for its inputs.
+        autocast = torch.autocast(trainer.engine.device.type, dtype=trainer.dtype, enabled=trainer.dtype != torch.float32)
+        with gather, autocast:
             pipe.transformer = model
             try:
                 for seed in recipe.validation.seeds:
