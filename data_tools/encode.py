@@ -209,13 +209,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"encode: {out}: {len(paths)} shard(s) ({len(paths) - len(todo)} already done), {total} sample(s)"
           + (f"; skipped {bad}" if bad else ""))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data encode", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dydit_scale.io import atomic_write_json
 from dydit_scale.data.format import (
-    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_sizes, shard_pattern, write_json_atomic,
+    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_sizes, shard_pattern,
     write_sizes,
 )
 
@@ -163,7 +164,7 @@ def _pack(args: argparse.Namespace) -> int:
         name = os.path.basename(fname)
         done[name] = {"samples": state["samples"], "next_item": state["next_item"]}
         write_sizes(out, {name: state["samples"]})
-        write_json_atomic(out / PROGRESS_FILE, progress)
+        atomic_write_json(out / PROGRESS_FILE, progress)
         state["samples"] = 0
 
     no_caption = 0
@@ -189,13 +190,3 @@ def _pack(args: argparse.Namespace) -> int:
           + (f"; resumed at item {start_item}" if start_item else "")
           + (f"; {no_caption} item(s) without a caption left out" if no_caption else ""))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data pack", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

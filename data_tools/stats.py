@@ -123,13 +123,3 @@ def run(args: argparse.Namespace) -> int:
               f"{rng('frames'):>12} {rng('caption_words'):>12}" + ("  CORRUPT" if s["corrupt"] else ""))
     print(f"{'total':<24} {total['samples']:>8} {total['bytes'] / 1e6:>8.1f}  kinds: {total['kinds']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data stats", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -59,13 +59,3 @@ def run_shards(args: argparse.Namespace) -> int:
 
 add_arguments = add_shard_arguments
 run = run_shards
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data synth", description=__doc__)
-    add_shard_arguments(parser)
-    return run_shards(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

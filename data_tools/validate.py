@@ -130,13 +130,3 @@ def _print_table(summary: dict[str, Any]) -> None:
     print(f"{'total':<{width}}  {summary['samples']:>8}  "
           + "  ".join(f"{summary['bad'][r]:>15}" for r in reasons))
     print("OK: no bad samples" if not reasons else f"BAD: {sum(summary['bad'].values())} bad sample(s)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data validate", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import tempfile
 import time
 from typing import Any
@@ -129,13 +128,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{kind:<8} {r['ours_samples_per_s']:>18.1f} {r['webdataset_samples_per_s']:>24.1f} {r['ratio']:>7.3f}")
     print(f"(batch {args.batch_size}, {args.workers} workers, {args.resolution} px, best of {args.repeats}; goal ratio >= 0.95)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-bench data", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

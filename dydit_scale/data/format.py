@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
 import numpy as np
 
+from dydit_scale.io import atomic_write_json
+
 if TYPE_CHECKING:
     import decord
     import torch
@@ -38,7 +40,7 @@ __all__ = [
     "POOLED_EXT", "TEXT_MASK_EXT", "SIZES_FILE", "SKIP_REASONS", "SkipReason", "DataFormatError",
     "ImageBatch", "VideoBatch", "LatentBatch", "expand_shard_spec", "read_sizes", "write_sizes",
     "shard_sizes", "sample_kind", "media_bytes", "read_caption", "read_meta", "read_image", "open_video",
-    "check_size", "read_array", "shard_pattern", "write_json_atomic",
+    "check_size", "read_array", "shard_pattern",
 ]
 
 IMAGE_EXTS: Final = ("jpg", "png", "webp", "jpeg")
@@ -152,21 +154,10 @@ def read_sizes(folder: str | Path) -> dict[str, int]:
     return sizes
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and os.replace, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
     """Merge `sizes` into `folder`/sizes.json (atomically)."""
     merged = {**read_sizes(folder), **sizes}
-    write_json_atomic(Path(folder) / SIZES_FILE, merged)
+    atomic_write_json(Path(folder) / SIZES_FILE, merged)
 
 
 def shard_sizes(paths: list[str]) -> list[int | None]:

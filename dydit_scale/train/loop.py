@@ -28,7 +28,7 @@ from dydit_scale.data import build_loader
 from dydit_scale.diffusion import build_objective
 from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
 from dydit_scale.dynamic.flops import flops_ratio
-from dydit_scale.dynamic.routers import complete_rows, full_width
+from dydit_scale.dynamic.routers import complete_rows
 from dydit_scale.io import atomic_write_text, load_tensors
 from dydit_scale.models.build import build_dynamic_transformer
 from dydit_scale.models.encoders import encode_text, load_frozen_components
@@ -97,11 +97,17 @@ class Trainer:
         if folder is None:
             return
         exclude_frozen = self.recipe.lora.kind != "none"
-        state, rank_state = checkpoint.load(self.engine, folder, strict=not exclude_frozen)
+        state, rank_state = checkpoint.load(self.engine, folder, strict=not exclude_frozen,
+                                            universal=self.recipe.checkpoint.universal)
         self.step = int(state["step"])
         self.loader.load_state_dict(rank_state["data"])
         if self.ema is not None:
-            self.ema.load_state_dict(load_tensors(folder / f"ema-rank{dist.rank()}.safetensors"))
+            saved = int(state["world_size"])
+            if saved == dist.world_size() or self.recipe.train.zero_stage < 3:  # below ZeRO-3 each file is whole
+                self.ema.load_state_dict(load_tensors(folder / f"ema-rank{dist.rank() if saved == dist.world_size() else 0}.safetensors"))
+            else:
+                log.warning("train.ema_decay: a ZeRO-3 EMA is sharded over %d ranks and cannot follow the "
+                            "change to %d; restarting it from the loaded weights", saved, dist.world_size())
         log.info("resumed from %s at step %d", folder, self.step)
 
     # ------------------------------------------------------------------------------------ step
