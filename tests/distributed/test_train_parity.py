@@ -22,12 +22,8 @@ COMMON = ["data.workers=1", "data.shuffle_buffer=0", "validation.every_steps=100
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    from dydit_scale.models.tiny import write_tiny_pipeline
-
-    out = tmp_path_factory.mktemp("flux")
-    write_tiny_pipeline("flux", str(out))
-    return out
+def flux_dir(tiny_model_dir):
+    return tiny_model_dir("flux")
 
 
 @pytest.fixture(scope="module")

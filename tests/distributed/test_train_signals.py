@@ -13,15 +13,13 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
-def test_stop_signal_checkpoints_and_exits_cleanly_then_resumes(tmp_path, signum):
-    from dydit_scale.models.tiny import write_tiny_pipeline
+def test_stop_signal_checkpoints_and_exits_cleanly_then_resumes(tmp_path, tiny_model_dir, signum):
     from dydit_scale.train.checkpoint import complete_checkpoints
 
-    write_tiny_pipeline("flux", str(tmp_path / "flux"))
     launch.write_identical_shards(tmp_path / "shards", shards=2, per_shard=8)
     run = tmp_path / "runs" / "sig"
     common = ["data.workers=1", "validation.every_steps=1000", "log.tensorboard=false", "data.batch_size=2",
-              f"model.path={tmp_path / 'flux'}", f"data.shards={tmp_path / 'shards'}",
+              f"model.path={tiny_model_dir('flux')}", f"data.shards={tmp_path / 'shards'}",
               f"run.output_dir={tmp_path / 'runs'}", "run.name=sig", "checkpoint.every_steps=1000"]
     process = launch.train([*common, "train.steps=1000"], popen=True)
     try:
