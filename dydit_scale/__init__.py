@@ -17,6 +17,9 @@ _LAZY = {
     "make_dynamic": "dydit_scale.models.convert",
     "full_width": "dydit_scale.dynamic.routers",
     "flops_ratio": "dydit_scale.dynamic.flops",
+    "RouterSchedule": "dydit_scale.dynamic.schedule",
+    "export_schedule": "dydit_scale.infer.export",
+    "apply_schedule": "dydit_scale.infer.fast",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: sub-command -> module with `add_arguments(parser)` and `run(args) -> int`
-BENCHES = {"data": "dydit_scale.bench.data", "train": "dydit_scale.bench.train"}
+BENCHES = {"data": "dydit_scale.bench.data", "train": "dydit_scale.bench.train", "infer": "dydit_scale.bench.infer"}
 
 
 def main(argv: list[str] | None = None) -> int:

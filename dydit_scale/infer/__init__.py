@@ -1,1 +1,2 @@
-"""Inference: pictures of samples and schedules (the fast dynamic path lives here too)."""
+"""Inference: frozen router schedules (`export`, `keys`), the fast sliced path (`fast`, `fast_blocks`,
+`sliced`), checkpoint loading (`runs`), sampling (`sample`) and the PNG figures (`plots`)."""

@@ -1,0 +1,156 @@
+"""`export_schedule`: freeze a dynamic model's TDW routers at a sampler's time keys (method spec §7.3).
+
+The masks are what the routers decide in eval mode (σ(z) > 0.5, unit 0 forced on) for the pure
+timestep embedding e_t of each key, computed exactly as the dynamic model's forward computes it
+(`model.timestep_embedding`). The layer table, hashes and permutations come from the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dydit_scale.dynamic.routers import TimestepRouter
+from dydit_scale.dynamic.schedule import (
+    LayerEntry,
+    RouterSchedule,
+    TimeKeys,
+    TokenShape,
+    schedule_flops_ratio,
+    tensors_hash,
+)
+from dydit_scale.infer.keys import sampler_time_keys, sampling_token_shape
+from dydit_scale.infer.plots import schedule_heatmap
+from dydit_scale.infer.runs import Consolidate, load_run
+from dydit_scale.infer.runs import save_transformer as write_transformer
+from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
+from dydit_scale.models.dynamic_model import DynamicTransformerMixin
+from dydit_scale.models.flux import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
+
+__all__ = ["default_token_shape", "export_run", "export_schedule", "layer_table", "model_hashes", "timestep_routers"]
+
+#: role in the layer table -> router attribute of a dynamic block
+ROLES = {"heads": "head_router", "cross_heads": "cross_head_router", "mlp": "mlp_router",
+         "text_mlp": "text_mlp_router"}
+_ADAPTER_PARTS = ("router", "lora_", "td_gate")
+
+
+def timestep_routers(model: nn.Module) -> dict[str, TimestepRouter]:
+    """Every TDW router by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TimestepRouter)}
+
+
+def layer_table(model: nn.Module) -> list[LayerEntry]:
+    """One `LayerEntry` per dynamic block, in module order (§7.3 item 3)."""
+    entries = []
+    for name, block in model.named_modules():
+        if isinstance(block, DyAdaLNTransformerBlock):
+            kind, attn2 = block.kind, block.attn2
+        elif isinstance(block, (DyFluxTransformerBlock, DyFluxSingleTransformerBlock)):
+            kind = "flux_double" if isinstance(block, DyFluxTransformerBlock) else "flux_single"
+            attn2 = None
+        else:
+            continue
+        routers = {role: f"{name}.{attr}" for role, attr in ROLES.items() if getattr(block, attr, None) is not None}
+        entries.append(LayerEntry(
+            name=name, kind=kind, heads=block.heads, head_dim=block.head_dim, hidden=block.hidden,
+            groups=block.groups, routers=routers, cross_heads=0 if attn2 is None else attn2.heads,
+            context_width=None if attn2 is None else attn2.to_k.in_features,
+        ))
+    return entries
+
+
+def model_hashes(model: nn.Module) -> tuple[str, str]:
+    """(base-weights hash, checkpoint hash): the transformer's own tensors in permuted order (peft's
+    `.base_layer` names folded back), and the routers + LoRA / TD-LoRA tensors."""
+    base, adapters = {}, {}
+    for name, tensor in model.state_dict().items():
+        if any(part in name for part in _ADAPTER_PARTS):
+            adapters[name] = tensor
+        else:
+            base[name.replace(".base_layer.", ".")] = tensor
+    return tensors_hash(base), tensors_hash(adapters)
+
+
+def default_token_shape(model: nn.Module) -> TokenShape:
+    """The family's usual sampling shape: FLUX 1024² (4096 + 512 tokens); PixArt / Latte at their
+    config's sample size with 120 T5 tokens, Latte with its `video_length` frames."""
+    config = model.config
+    if "joint_attention_dim" in config:
+        return TokenShape(image_tokens=4096, text_tokens=512)
+    tokens = (config.sample_size // config.patch_size) ** 2
+    return TokenShape(image_tokens=tokens, text_tokens=120, frames=config.get("video_length") or 1)
+
+
+@torch.no_grad()
+def router_masks(model: nn.Module, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Eval-mode decision of every timestep router for each key, bool [T, U] (§2.3: 1[z > 0])."""
+    device = next(model.parameters()).device
+    e_t = model.timestep_embedding(values.to(device), values.shape[0])
+    masks = {}
+    for name, router in timestep_routers(model).items():
+        training = router.training
+        router.eval()
+        try:
+            router.prepare_step(e_t)
+        finally:
+            router.train(training)
+        masks[name] = (router.decision > 0.5).cpu()
+    return masks
+
+
+def export_schedule(model: nn.Module, time_keys: TimeKeys | torch.Tensor | list[float], *,
+                    token_shape: TokenShape | None = None, source: dict[str, Any] | None = None) -> RouterSchedule:
+    """Freeze `model`'s TDW routers at `time_keys` (the exact `timestep` values the pipeline passes).
+
+    `token_shape` sets the shape of the per-step FLOPs ratios (default: `default_token_shape`);
+    `source` (e.g. the checkpoint folder) is recorded in the header.
+    """
+    if not isinstance(model, DynamicTransformerMixin):
+        raise TypeError(f"export_schedule: expected a dynamic transformer (make_dynamic), got {type(model).__name__}")
+    keys = time_keys if isinstance(time_keys, TimeKeys) else TimeKeys(torch.as_tensor(time_keys))
+    if keys.values.dim() != 1 or keys.values.numel() == 0:
+        raise ValueError(f"export_schedule: time keys must be a non-empty 1-D tensor, got shape {list(keys.values.shape)}")
+    masks = router_masks(model, keys.values)
+    layers = layer_table(model)
+    shape = token_shape or default_token_shape(model)
+    base_hash, checkpoint_hash = model_hashes(model)
+    config = model.dydit_config
+    stock = next(cls for cls in type(model).__mro__ if cls.__module__.startswith("diffusers."))
+    return RouterSchedule(
+        time_keys=keys, masks=masks, layers=layers, token_shape=shape,
+        flops_ratio=schedule_flops_ratio(layers, masks, shape),
+        permutations={k: v.cpu() for k, v in model.dydit_permutations.items()},
+        family={"FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart",
+                "LatteTransformer3DModel": "latte"}.get(stock.__name__, ""),
+        model_class=stock.__name__, base_model_hash=base_hash, checkpoint_hash=checkpoint_hash,
+        target_flops_ratio=config.target_flops_ratio, tau=config.tau, source=dict(source or {}),
+    )
+
+
+def export_run(path: str | Path, out: str | Path, *, steps: int, resolution: tuple[int, int] | None = None,
+               sampler: str | None = None, dtype: torch.dtype = torch.float32, save_transformer: bool = False,
+               consolidate: Consolidate | None = None) -> RouterSchedule:
+    """`dydit-export`: a checkpoint (or a run's newest) → `out/schedule.{safetensors,json}` + `schedule.png`
+    (+ `out/transformer/` on request), for the time keys of `sampler` / `steps` / `resolution`."""
+    run = load_run(path, consolidate=consolidate)
+    recipe, family = run.recipe, run.recipe.model.family
+    resolution = resolution or (recipe.data.resolution, recipe.data.resolution)
+    pipeline = Path(recipe.model.path)
+    pipeline = pipeline if (pipeline / "model_index.json").is_file() else None
+    keys = sampler_time_keys(family, steps=steps, resolution=resolution, sampler=sampler, pipeline=pipeline,
+                             dtype=dtype)
+    shape = sampling_token_shape(family, run.model.config, resolution=resolution,
+                                 text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames,
+                                 pipeline=pipeline)
+    source = {"run": recipe.run.name, "checkpoint": run.step_folder.name, "step": run.step,
+              "model_path": recipe.model.path, "lora": recipe.lora.kind}
+    schedule = export_schedule(run.model, keys, token_shape=shape, source=source)
+    schedule.save(out)
+    schedule_heatmap(schedule, Path(out) / "schedule.png")
+    if save_transformer:
+        write_transformer(run.model, Path(out) / "transformer")
+    return schedule

@@ -1,0 +1,99 @@
+"""`dydit-sample`: images or videos from a checkpoint through the stock diffusers pipeline running the
+fast dynamic transformer (method spec §7.4), with a sample grid and a per-patch compute map.
+
+The pipeline's scheduler is rebuilt from the schedule's sampler record (class, config, steps,
+resolution), so the pipeline passes exactly the schedule's time keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dydit_scale.dynamic.schedule import RouterSchedule
+from dydit_scale.infer.fast import apply_schedule
+from dydit_scale.infer.keys import build_scheduler
+from dydit_scale.infer.plots import compute_map, image_grid, save_mp4, save_png
+from dydit_scale.infer.runs import Consolidate, load_run
+from dydit_scale.models.loading import load_pipeline
+
+__all__ = ["SampleOutputs", "sample_run"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SampleOutputs:
+    """Files written by `sample_run`."""
+
+    grid: Path
+    compute_map: Path
+    videos: tuple[Path, ...] = ()
+
+
+def _pipeline_kwargs(family: str, recipe: Any, sampler: dict[str, Any], guidance: float) -> dict[str, Any]:
+    height, width = sampler["resolution"]
+    kwargs: dict[str, Any] = dict(num_inference_steps=sampler["steps"], height=height, width=width,
+                                  guidance_scale=guidance, output_type="np")
+    if family == "flux":
+        kwargs["max_sequence_length"] = recipe.data.max_text_tokens
+    elif family == "pixart":
+        kwargs.update(use_resolution_binning=False, max_sequence_length=recipe.data.max_text_tokens)
+    else:
+        kwargs["video_length"] = recipe.data.num_frames
+    return kwargs
+
+
+def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, prompts: list[str] | None = None,
+               seeds: list[int] | None = None, guidance: float | None = None, low_memory: bool = False,
+               consolidate: Consolidate | None = None) -> SampleOutputs:
+    """Sample every prompt × seed with the checkpoint's fast model; write PNG grids (+ mp4s) into `out`.
+
+    Prompts, seeds and guidance default to the run recipe's `validation:` section.
+    """
+    schedule = RouterSchedule.load(schedule_dir)
+    sampler = schedule.time_keys.sampler
+    if not sampler:
+        raise ValueError(f"{schedule_dir}: the schedule has no sampler record; export it with dydit-export")
+    run = load_run(path, consolidate=consolidate)
+    recipe, family = run.recipe, run.recipe.model.family
+    model = apply_schedule(run.model, schedule, low_memory=low_memory, attention=recipe.model.attention)
+    dtype = _DTYPES[sampler.get("dtype", "float32")]
+    pipe = load_pipeline(recipe.model.path, transformer=model if dtype == torch.float32 else model.to(dtype),
+                         dtype=dtype)
+    pipe.scheduler = build_scheduler(sampler)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = _pipeline_kwargs(family, recipe, sampler, recipe.validation.guidance_scale if guidance is None else guidance)
+    seeds, prompts = seeds or recipe.validation.seeds, prompts or recipe.validation.prompts
+    outputs, first_log = [], None
+    for seed in seeds:
+        for prompt in prompts:
+            model.dydit_fast.token_log = []
+            result = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+            outputs.append(np.asarray(result.frames[0] if family == "latte" else result.images[0], dtype=np.float32))
+            first_log = first_log if first_log is not None else model.dydit_fast.token_log
+    model.dydit_fast.token_log = None
+    return _write(Path(out), family, outputs, len(seeds), schedule, first_log)
+
+
+def _write(out: Path, family: str, outputs: list[np.ndarray], rows: int, schedule: RouterSchedule,
+           token_log: list[torch.Tensor | None]) -> SampleOutputs:
+    videos: list[Path] = []
+    if family == "latte":  # one row of frames per video
+        for index, frames in enumerate(outputs):
+            videos.append(save_mp4((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), out / f"sample-{index}.mp4"))
+        grid = save_png(image_grid(np.concatenate(outputs), rows=len(outputs)), out / "frames.png")
+    else:
+        grid = save_png(image_grid(np.stack(outputs), rows=rows), out / "samples.png")
+    counts = np.stack([step[-1].numpy() for step in token_log])  # last row: the conditional CFG half
+    height, width = schedule.time_keys.sampler["resolution"]
+    tokens = schedule.token_shape.image_tokens
+    h = max(1, round(math.sqrt(tokens * height / width)))
+    cmap = compute_map(counts, (h, tokens // h), blocks=len(schedule.layers),
+                       keys=schedule.time_keys.values.double().tolist(), path=out / "compute_map.png")
+    return SampleOutputs(grid=grid, compute_map=cmap, videos=tuple(videos))
