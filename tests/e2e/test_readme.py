@@ -28,7 +28,7 @@ def test_readme_gives_the_demo_and_the_test_command_and_ci_runs_the_latter():
 @pytest.mark.distributed
 def test_readme_demo_command_runs_with_tiny_settings(tmp_path):
     command = _readme_commands()[0]
-    env = {**os.environ, "DEMO_DIR": str(tmp_path), "STEPS": "4", "NGPU": "2"}
+    env = {**os.environ, "DEMO_DIR": str(tmp_path), "STEPS": "4", "NGPU": "2", "BENCH_PRESET": "tiny"}
     result = subprocess.run(["timeout", "600", *command.split()], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "demo"
@@ -36,3 +36,6 @@ def test_readme_demo_command_runs_with_tiny_settings(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (run / "checkpoints" / "step-0000004" / "td_lora.safetensors").is_file()
     assert "FLOPs ratio: step 1" in result.stdout
+    assert (run / "schedule" / "schedule.json").is_file() and (run / "schedule" / "schedule.png").is_file()
+    assert (run / "fast_samples" / "samples.png").is_file() and (run / "fast_samples" / "compute_map.png").is_file()
+    assert "efficiency" in result.stdout
