@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -113,6 +114,7 @@ class ShardLoader:
         ds.epoch, ds.rotation, ds.cursors = self.epoch, self.batch % ds.num_workers, dict(self._cursors)
         loader = DataLoader(
             ds, batch_size=None, num_workers=self._ds.cfg.workers, pin_memory=self.pin_memory,
+            worker_init_fn=_ignore_stop_signals,
             prefetch_factor=self.prefetch_factor if self._ds.cfg.workers > 0 else None,
             persistent_workers=False,
         )
@@ -170,6 +172,13 @@ class ShardLoader:
         log.warning("data.resume_policy=reshuffle: data state written with %s; starting epoch %d in a new "
                     "order (the rest of epoch %d is not seen)", what, int(mine["epoch"]) + 1, int(mine["epoch"]))
         self.epoch, self.batch, self._cursors = int(mine["epoch"]) + 1, 0, {}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: a launcher that signals the whole process group to make the
+    trainer checkpoint must not kill the workers mid-batch (the trainer stops them itself)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -25,10 +27,12 @@ import numpy as np
 import torch
 
 from dydit_scale import dist
+from dydit_scale.config import RecipeError
 from dydit_scale.io import atomic_write_json, atomic_write_text, save_tensors
 
 log = logging.getLogger(__name__)
 MARKER = "dydit_state.json"
+UNIVERSAL = "universal"  # ds_to_universal output, inside the step folder (pruned with it)
 
 
 def step_name(step: int) -> str:
@@ -55,10 +59,10 @@ def resolve_resume(policy: str, root: Path) -> Path | None:
         return found[-1] if found else None
     folder = Path(policy)
     if not is_complete(folder):
-        raise ValueError(
+        raise RecipeError([
             f"checkpoint.resume: {folder} is not a complete checkpoint; expected a step-NNNNNNN folder "
             f"holding {MARKER} (or auto | never)"
-        )
+        ])
     return folder
 
 
@@ -119,19 +123,61 @@ def save(engine: Any, root: Path, step: int, *, state: dict[str, Any], rank_stat
     return final
 
 
-def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore DeepSpeed and RNG state from a complete step folder; returns (state, this rank's state)."""
+def to_universal(folder: Path) -> Path:
+    """`folder/universal`: DeepSpeed's world-size-free layout of a step folder, converted once (rank 0,
+    `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`) and reused afterwards."""
+    out = folder / UNIVERSAL
+    if dist.is_main() and not (out / "zero").is_dir():
+        tmp = folder / f"{UNIVERSAL}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RecipeError([f"checkpoint.universal: converting {folder} failed: {tail[0]}"])
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log.info("converted %s to a universal checkpoint in %s", folder, out)
+    dist.barrier()
+    return out
+
+
+def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True,
+         universal: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore DeepSpeed and RNG state from a complete step folder; returns (state, this rank's state).
+
+    Same world size: this rank's files. `universal=True` (any world size): DeepSpeed's universal
+    checkpoint, and `rank_state["data"]` becomes the list of every saved rank's data state, which the
+    loader resumes exactly at the same world size or else handles by `data.resume_policy`.
+    """
     state = json.loads((folder / MARKER).read_text())
-    rank_file = folder / f"rank-{dist.rank()}.json"
-    if not rank_file.is_file():
-        raise ValueError(
-            f"{folder}: has no state for rank {dist.rank()} (saved with world size {state['world_size']}, "
-            f"running with {dist.world_size()}); resume with checkpoint.universal=true"
-        )
-    path, tag = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=strict,
-                                       load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
+    saved, world = int(state["world_size"]), dist.world_size()
+    if not universal:
+        if saved != world:
+            raise RecipeError([
+                f"checkpoint.resume: {folder} was saved with world size {saved}, this run has {world}; "
+                "resume with checkpoint.universal=true (and data.resume_policy=reshuffle)"
+            ])
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=strict,
+                                         load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"{folder}: DeepSpeed found no checkpoint files in it")
+        rank_state = json.loads((folder / f"rank-{dist.rank()}.json").read_text())
+        _set_rng_state(rank_state.pop("rng"))
+        return state, rank_state
+    if not engine.load_universal_checkpoint():
+        raise ValueError("checkpoint.load(universal=True) needs an engine built with "
+                         "\"checkpoint\": {\"load_universal\": true} (build_ds_config does it for checkpoint.universal)")
+    converted = to_universal(folder)
+    path, _ = engine.load_checkpoint(str(folder), tag=converted.name, load_module_strict=strict,
+                                     load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
     if path is None:
-        raise ValueError(f"{folder}: DeepSpeed found no checkpoint files in it")
-    rank_state = json.loads(rank_file.read_text())
-    _set_rng_state(rank_state.pop("rng"))
+        raise ValueError(f"{converted}: DeepSpeed found no universal checkpoint files in it")
+    ranks = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(saved)]
+    if saved == world:
+        _set_rng_state(ranks[dist.rank()]["rng"])
+    rank_state = {k: v for k, v in ranks[dist.rank() if saved == world else 0].items() if k != "rng"}
+    rank_state["data"] = [r["data"] for r in ranks]
     return state, rank_state

@@ -80,4 +80,6 @@ def build_ds_config(recipe: Recipe, world_size: int, *, torch_adam: bool = True)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if recipe.checkpoint.universal:  # resume from ds_to_universal's output: any world size (issue 8)
+        config["checkpoint"] = {"load_universal": True}
     return _merge(config, recipe.train.deepspeed)

@@ -55,6 +55,10 @@ class Trainer:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        # Handlers first: a preemption signal during start-up must not be lost (launchers may
+        # have set it to "ignore", which the ranks inherit).
+        self._stop_requested = False
+        self._install_signal_handlers()
         init_distributed(recipe)
         self._failed = False
         self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank (issue 8)
@@ -78,7 +82,6 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main(), tensorboard=recipe.log.tensorboard,
                                   total_steps=recipe.train.steps, start_step=self.step,
                                   every_steps=recipe.log.every_steps)
-        self._stop_requested = False
 
     # ----------------------------------------------------------------------------------- setup
     def _write_run_files(self) -> None:
@@ -213,7 +216,6 @@ class Trainer:
             raise
 
     def _train(self) -> None:
-        self._install_signal_handlers()
         batches = iter(_forever(self.loader))
         total = self.recipe.train.steps
         while self.step < total:
