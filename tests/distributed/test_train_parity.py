@@ -142,11 +142,13 @@ def test_zero3_lora_file_holds_the_gathered_weights_and_loads_in_the_pipeline(tm
 
 
 def test_bf16_with_activation_checkpointing_trains_and_samples(tmp_path, flux_dir, same_shards):
-    """bf16 weights (routers, FLOPs ratio and losses stay fp32), non-reentrant checkpointing, and the
-    fp32 pipeline sampling a grid from the bf16 transformer."""
+    """bf16 weights (routers, FLOPs ratio and losses stay fp32), non-reentrant checkpointing, the
+    held-out losses (dynamic and full width), and the fp32 pipeline sampling from the bf16 transformer."""
     launch.train([*COMMON, f"model.path={flux_dir}", f"data.shards={same_shards}", "data.batch_size=2",
                   "train.steps=2", "checkpoint.every_steps=2", "validation.every_steps=2", "model.dtype=bf16",
-                  "train.activation_checkpointing=true", f"run.output_dir={tmp_path}", "run.name=bf16"])
+                  "train.activation_checkpointing=true", f"data.val_shards={same_shards}", "validation.batches=1",
+                  f"run.output_dir={tmp_path}", "run.name=bf16"])
     rows = launch.metrics(tmp_path / "bf16")
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] is not None for r in rows)
+    assert rows[-1]["heldout_loss"] > 0 and rows[-1]["heldout_loss_full_width"] > 0
     assert (tmp_path / "bf16" / "samples" / "step-0000002.png").is_file()
