@@ -7,7 +7,8 @@ import importlib
 import sys
 
 #: sub-command -> module with `add_arguments(parser)` and `run(args) -> int`
-BENCHES = {"data": "dydit_scale.bench.data", "train": "dydit_scale.bench.train", "infer": "dydit_scale.bench.infer"}
+BENCHES = {"data": "dydit_scale.bench.data", "train": "dydit_scale.bench.train", "infer": "dydit_scale.bench.infer",
+           "efficacy": "dydit_scale.bench.efficacy"}
 
 
 def main(argv: list[str] | None = None) -> int:

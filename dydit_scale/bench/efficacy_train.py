@@ -1,0 +1,181 @@
+"""Data, model and training loops of `dydit-bench efficacy` (kept apart so the bench module stays readable).
+
+Everything is in memory and deterministic in the seed: synthetic shape images (`synthetic_image`) in
+pixel space, captions embedded by a frozen random word table (no hub weights offline; the captions
+name size, colour, shape and place, so the table carries real conditioning), a small stock diffusers
+`PixArtTransformer2DModel` with learned σ, plain torch AdamW and the library's DDPM objective.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from dydit_scale.config import DynamicConfig
+from dydit_scale.data.synthetic import synthetic_image
+from dydit_scale.diffusion import DDPMObjective
+from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
+from dydit_scale.dynamic.flops import flops_ratio
+from dydit_scale.models.convert import make_dynamic
+
+__all__ = ["Data", "HeldOut", "pixart_forward", "make_data", "build_static", "pretrain", "finetune_dynamic"]
+
+TEXT_TOKENS = 8  # "a small red circle at the top left" has 8 words; shorter captions are padded
+TEXT_DIM = 32
+
+
+@dataclass
+class Data:
+    """Images in [-1, 1] [N, 3, S, S] and caption embeddings [N, TEXT_TOKENS, TEXT_DIM], split."""
+
+    train_x: torch.Tensor
+    train_c: torch.Tensor
+    held_x: torch.Tensor
+    held_c: torch.Tensor
+    held_captions: list[str] = field(default_factory=list)
+
+
+def _embed_captions(captions: list[str], seed: int) -> torch.Tensor:
+    """Frozen random word-embedding table (seeded, sorted vocabulary) → [N, TEXT_TOKENS, TEXT_DIM]."""
+    vocab = sorted({word for caption in captions for word in caption.split()} | {"<pad>"})
+    table = torch.randn(len(vocab), TEXT_DIM, generator=torch.Generator().manual_seed(seed + 7))
+    index = {word: i for i, word in enumerate(vocab)}
+    ids = [[index[w] for w in c.split()][:TEXT_TOKENS] for c in captions]
+    ids = torch.tensor([row + [index["<pad>"]] * (TEXT_TOKENS - len(row)) for row in ids])
+    return table[ids]
+
+
+def make_data(count: int, heldout: int, size: int, seed: int) -> Data:
+    """`count` training + `heldout` held-out samples (disjoint indices) of `synthetic_image` at size²."""
+    from PIL import Image
+
+    images, captions = [], []
+    for index in range(count + heldout):
+        data, caption, _ = synthetic_image(index, seed=seed, size=(size, size), image_format="png")
+        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        captions.append(caption)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    c = _embed_captions(captions, seed)
+    return Data(x[:count], c[:count], x[count:], c[count:], captions[count:])
+
+
+def build_static(size: int, heads: int, head_dim: int, layers: int, seed: int) -> nn.Module:
+    """Stock PixArt-α transformer in pixel space: 3 channels in, 6 out (ε + learned σ), patch 2."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=6, num_layers=layers,
+        cross_attention_dim=heads * head_dim, sample_size=size, patch_size=2, norm_num_groups=1,
+        caption_channels=TEXT_DIM, use_additional_conditions=False, norm_type="ada_norm_single")
+
+
+def pixart_forward(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return model(x_t, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None,
+                 "aspect_ratio": None}, return_dict=False)[0]
+
+
+class HeldOut:
+    """Fixed noise and stratified timesteps per held-out sample, so every model sees the same problem."""
+
+    def __init__(self, data: Data, objective: DDPMObjective, seed: int, batch: int):
+        g = torch.Generator().manual_seed(seed + 11)
+        self.noise = torch.randn(data.held_x.shape, generator=g)
+        self.t = objective.sample_timesteps(data.held_x.shape[0], generator=g)
+        self.data, self.objective, self.batch = data, objective, batch
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module) -> float:
+        """Mean held-out DDPM loss (ε-MSE + L_vb) in eval mode."""
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        x0_all, n = self.data.held_x, self.data.held_x.shape[0]
+        for i in range(0, n, self.batch):
+            x0, noise, t = x0_all[i:i + self.batch], self.noise[i:i + self.batch], self.t[i:i + self.batch]
+            x_t = self.objective.add_noise(x0, noise, t)
+            out = pixart_forward(model, x_t, t, self.data.held_c[i:i + self.batch])
+            total += float(self.objective.loss(out, x0, noise, t, x_t).sum())
+        model.train(was_training)
+        return total / n
+
+
+def _batch(data: Data, objective: DDPMObjective, batch: int, step: int, g: torch.Generator):
+    idx = torch.randint(0, data.train_x.shape[0], (batch,), generator=g)
+    x0, text = data.train_x[idx], data.train_c[idx]
+    noise = torch.randn(x0.shape, generator=g)
+    t = objective.sample_timesteps(batch, generator=g, first_index=step * batch)
+    return x0, text, noise, t, objective.add_noise(x0, noise, t)
+
+
+def pretrain(model: nn.Module, data: Data, held: HeldOut, *, batch: int, lr: float, window: int, cap: int,
+             min_steps: int, tolerance: float, seed: int) -> dict:
+    """AdamW until the held-out loss improved < `tolerance` (relative) over the last `window` steps, or `cap`.
+
+    Returns the steps taken, the held-out curve [(step, loss)], and seconds per step.
+    """
+    objective = held.objective
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, min(50, cap // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    g = torch.Generator().manual_seed(seed + 3)
+    curve = [(0, held.loss(model))]
+    model.train()
+    start, step = time.perf_counter(), 0
+    while step < cap:
+        x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
+        loss = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % window == 0 or step == cap:
+            curve.append((step, held.loss(model)))
+            prev, cur = curve[-2][1], curve[-1][1]
+            if step >= min_steps and (prev - cur) / abs(prev) < tolerance:
+                break
+    seconds = time.perf_counter() - start
+    return {"steps": step, "curve": curve, "s_per_step": seconds / max(step, 1), "seconds": seconds,
+            "converged": step < cap}
+
+
+def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float, steps: int, batch: int,
+                     lr: float, dynamic: dict, seed: int) -> tuple[nn.Module, list[dict]]:
+    """A dynamic copy of `static` trained `steps` steps on DDPM loss + FLOPs loss towards λ.
+
+    λ_eff ramps from 1 to λ over the first half of the steps (no hold), so the second half adapts the
+    weights to the final widths; routers get `router_lr_scale` × lr (they start near-open, σ(bias)).
+    """
+    import copy
+
+    config = DynamicConfig(target_flops_ratio=lam, **dynamic)
+    model = make_dynamic(copy.deepcopy(static), config).train()
+    routers = [p for n, p in model.named_parameters() if "router" in n]
+    others = [p for n, p in model.named_parameters() if "router" not in n]
+    opt = torch.optim.AdamW([{"params": others, "lr": lr},
+                             {"params": routers, "lr": lr * config.router_lr_scale}], weight_decay=0.0)
+    objective = held.objective
+    g = torch.Generator().manual_seed(seed + 5)
+    warmup = max(1, math.ceil(steps / 2))
+    log = []
+    for step in range(steps):
+        x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
+        diffusion = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
+        ratio = flops_ratio(model)
+        target = target_ratio_at(step, target=lam, warmup_steps=warmup, hold_steps=0)
+        f_loss = flops_loss(ratio, target, weight=config.flops_loss_weight, global_mean=False)
+        opt.zero_grad(set_to_none=True)
+        (diffusion + f_loss).backward()
+        torch.nn.utils.clip_grad_norm_(others, 1.0)
+        opt.step()
+        log.append({"step": step, "diffusion_loss": float(diffusion.detach()),
+                    "flops_ratio": float(ratio.detach().mean()), "lambda_eff": target})
+    return model.eval(), log
