@@ -11,20 +11,8 @@ from torch import nn
 
 from dydit_scale.lora import apply_lora, load_lora_diffusers, lora_state_dict, save_lora_diffusers
 from dydit_scale.models.tiny import tiny_transformer
+from lora_cases import BLOCKS, TARGETS
 
-TARGETS = {
-    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
-             "proj_mlp", "proj_out"],
-    "pixart": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "latte": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
-BLOCKS = {
-    "flux": ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
-             "single_transformer_blocks.1"],
-    "pixart": ["transformer_blocks.0", "transformer_blocks.1"],
-    "latte": ["transformer_blocks.0", "transformer_blocks.1", "temporal_transformer_blocks.0",
-              "temporal_transformer_blocks.1"],
-}
 _ROWS, _COLS = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
 _IMG_IDS = torch.stack([torch.zeros(16), _ROWS.flatten(), _COLS.flatten()], dim=-1)  # [h·w, 3]
 

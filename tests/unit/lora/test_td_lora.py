@@ -20,20 +20,8 @@ from dydit_scale.lora import (
 )
 from dydit_scale.lora.td_lora import TimestepGate
 from dydit_scale.models.tiny import tiny_transformer
+from lora_cases import BLOCKS, TARGETS
 
-TARGETS = {
-    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
-             "proj_mlp", "proj_out"],
-    "pixart": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "latte": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
-BLOCKS = {
-    "flux": ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
-             "single_transformer_blocks.1"],
-    "pixart": ["transformer_blocks.0", "transformer_blocks.1"],
-    "latte": ["transformer_blocks.0", "transformer_blocks.1", "temporal_transformer_blocks.0",
-              "temporal_transformer_blocks.1"],
-}
 COND_DIM = 64  # any width: the real e_t comes from the dynamic model
 
 
