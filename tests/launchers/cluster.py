@@ -170,7 +170,9 @@ class LocalSlurm:
         lines = [
             f"ClusterName=dydit{uuid.uuid4().hex[:6]}", f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
-            "CredType=cred/munge", f"AuthInfo=socket={socket_path}",
+            # cred_expire also holds a requeued job back (default 120 s) until its revoked credential has
+            # expired on the nodes; forcing it to start sooner races that ("Job 1 already killed").
+            "CredType=cred/munge", f"AuthInfo=socket={socket_path},cred_expire=10",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "MailProg=/bin/true",
             "SchedulerParameters=batch_sched_delay=0", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
@@ -201,6 +203,11 @@ class LocalSlurm:
         """`scontrol show job` fields (JobState, ExitCode, Restarts, ...)."""
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def daemon_logs(self, lines: int = 15) -> str:
+        """The last lines of slurmctld's and each slurmd's log, for failure messages."""
+        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                         for log in sorted((self.root / "log").glob("slurm*.log")))
 
     def _our_processes(self) -> list[int]:
         """Job step daemons (slurmstepd) and job processes that our slurmd started: they carry our SLURM_CONF."""
