@@ -2,7 +2,7 @@
 
 Side by side in one run on the same model and inputs (architecture: ratios, never absolute timings):
 - step time (forward + backward + AdamW) of the stock diffusers transformer vs the same weights made
-  dynamic (masked training path, every router live) — goal ≤ 1.10;
+  dynamic (masked training path, every router live), the two taking turns step by step — goal ≤ 1.10;
 - peak training memory (weights + gradients + optimizer state + activations, batch 1) and trainable
   share, TD-LoRA vs full fine-tuning — goals ≤ 0.60 and ≤ 3 %. Each memory case runs in a fresh
   subprocess (peak RSS on CPU, max allocated on CUDA) so the two peaks do not contaminate each other.
@@ -62,18 +62,35 @@ def _inputs(model: torch.nn.Module) -> dict:
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
+def _train_step(model: torch.nn.Module, inputs: dict, optimizer: torch.optim.Optimizer) -> float:
+    """Seconds of one forward + backward + AdamW step."""
+    start = time.perf_counter()
+    out = model(**inputs).sample
+    out.float().square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
 def _step_seconds(model: torch.nn.Module, inputs: dict, steps: int) -> float:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times = []
-    for index in range(steps + 2):
-        start = time.perf_counter()
-        out = model(**inputs).sample
-        out.float().square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if index >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median step time of one model after 2 warm-up steps (the memory children)."""
+    optimizer = _adamw(model)
+    return statistics.median([_train_step(model, inputs, optimizer) for _ in range(steps + 2)][2:])
+
+
+def _interleaved_step_seconds(models: dict[str, torch.nn.Module], inputs: dict, steps: int) -> dict[str, float]:
+    """Median step time per model, the models taking turns step by step (after 2 warm-up rounds), so
+    that a machine that speeds up or slows down during the run affects every model alike."""
+    optimizers = {name: _adamw(model) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(steps + 2):
+        for name, model in models.items():
+            times[name].append(_train_step(model, inputs, optimizers[name]))
+    return {name: statistics.median(seconds[2:]) for name, seconds in times.items()}
 
 
 class _RssPeak:
@@ -143,13 +160,12 @@ def run(args: argparse.Namespace) -> int:
     static = _model(args.preset)
     dynamic = make_dynamic(copy.deepcopy(static), DynamicConfig())
     inputs = _inputs(static)
-    static_s = _step_seconds(static, inputs, args.steps)
-    dynamic_s = _step_seconds(dynamic, inputs, args.steps)
+    seconds = _interleaved_step_seconds({"static": static, "dynamic_masked": dynamic}, inputs, args.steps)
     full, td = _memory(args.preset, "full"), _memory(args.preset, "td_lora")
     result = {
         "preset": args.preset, "threads": torch.get_num_threads(),
-        "step_s": {"static": static_s, "dynamic_masked": dynamic_s},
-        "step_time_ratio": dynamic_s / static_s,
+        "step_s": seconds,
+        "step_time_ratio": seconds["dynamic_masked"] / seconds["static"],
         "peak_memory_bytes": {"full": full["peak_bytes"], "td_lora": td["peak_bytes"]},
         "peak_memory_ratio": td["peak_bytes"] / max(1, full["peak_bytes"]),
         "trainable_share": {"full": full["trainable"] / full["total"], "td_lora": td["trainable"] / td["total"]},
