@@ -2,7 +2,8 @@
 
 No FID/CLIP weights exist offline, so efficacy is measured on a model this bench trains itself:
 1. a stock `PixArtTransformer2DModel` (pixel space, learned σ) is pre-trained with AdamW on synthetic
-   shape images until its held-out DDPM loss flattens (< `tolerance` relative gain over a window, or a cap);
+   shape images until its held-out DDPM loss flattens (< `tolerance` relative gain over a window, or a
+   cap), then with a linear LR decay to 0 (`decay_fraction` of all steps) so that it is converged;
 2. for each λ a copy is made dynamic (`make_dynamic`, TDW heads + MLP groups, cross-attention heads
    too) and fine-tuned with DDPM loss + `flops_loss` for ≤ 3 % of the pre-training steps: routers
    start near-open (bias 4, σ ≈ 0.98) with a 50× router LR, as the CPU demo recipe does, because the
@@ -46,7 +47,7 @@ _DYNAMIC = dict(heads=True, mlp_groups=None, tokens=False, cross_attention=True,
 #: name -> settings; `finetune_min` only lets the tiny test preset take a few steps beyond 3 % of ~100.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(size=16, heads=4, head_dim=8, layers=2, batch=16, count=512, heldout=64, lr=2e-3,
-                 window=25, cap=100, min_steps=50, lambdas=[0.5], finetune_min=8, sample_steps=10, samples=4,
+                 window=25, cap=100, min_steps=50, lambdas=[0.5], finetune_min=30, sample_steps=10, samples=4,
                  help="16² images, C = 32, 2 blocks, ≤ 100 pre-training steps, λ = 0.5 (for tests)"),
     "default": dict(size=32, heads=4, head_dim=32, layers=4, batch=16, count=3000, heldout=128, lr=1e-3,
                     window=50, cap=600, min_steps=200, lambdas=[0.7, 0.5], finetune_min=0, sample_steps=20,
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning steps per λ as a fraction of the pre-training steps")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="stop pre-training when the held-out loss improved less than this over a window")
+    parser.add_argument("--decay-fraction", type=float, default=0.2,
+                        help="share of the pre-training steps that decay the LR linearly to 0 once the loss is flat")
     parser.add_argument("--router-lr-scale", type=float, default=_DYNAMIC["router_lr_scale"],
                         help="router LR multiplier (100 overshot λ by ~0.2 in 12 steps, 25 barely moved)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
@@ -153,7 +156,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     held = HeldOut(data, build_objective("ddpm"), args.seed, batch=64)
     static = build_static(p["size"], p["heads"], p["head_dim"], p["layers"], args.seed)
     pre = pretrain(static, data, held, batch=p["batch"], lr=p["lr"], window=p["window"], cap=cap,
-                   min_steps=min(p["min_steps"], cap), tolerance=args.tolerance, seed=args.seed)
+                   min_steps=min(p["min_steps"], cap), tolerance=args.tolerance,
+                   decay_fraction=args.decay_fraction, seed=args.seed)
     static.eval()
     static_loss = pre["curve"][-1][1]
     ft_steps = max(p["finetune_min"], int(args.extra_fraction * pre["steps"]))
@@ -184,7 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pictures = torch.cat(grids).permute(0, 2, 3, 1).add(1).div(2).numpy()
     save_png(image_grid(pictures, rows=len(grids)), out / "samples.png")
     result = {"rows": rows, "preset": args.preset, "lambdas": lambdas, "static_heldout_loss": static_loss,
-              "pretrain": {k: pre[k] for k in ("steps", "converged", "curve", "s_per_step", "seconds")},
+              "pretrain": {k: pre[k] for k in ("steps", "converged", "decay_steps", "curve", "s_per_step", "seconds")},
               "finetune_steps_per_lambda": ft_steps, "extra_step_fraction": ft_steps / max(pre["steps"], 1),
               "sampler": {"name": "ddim", "steps": p["sample_steps"], "samples": n},
               "token_routers": bool(_DYNAMIC["tokens"]), "dynamic": dynamic, "threads": args.threads,
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     pre = result["pretrain"]
     stop = "flattened" if pre["converged"] else "hit the cap"
-    print(f"preset {result['preset']}: pre-trained {pre['steps']} steps ({stop}, "
+    print(f"preset {result['preset']}: pre-trained {pre['steps']} steps ({stop}, {pre['decay_steps']} of LR decay, "
           f"{pre['s_per_step']:.2f} s/step), static held-out loss {result['static_heldout_loss']:.4f}; "
           f"fine-tune {result['finetune_steps_per_lambda']} steps per λ "
           f"({100 * result['extra_step_fraction']:.1f} % extra); DDIM {result['sampler']['steps']} steps")

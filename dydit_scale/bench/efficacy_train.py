@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dydit_scale.config import DynamicConfig
 from dydit_scale.data.synthetic import synthetic_image
@@ -115,36 +116,53 @@ def _batch(data: Data, objective: DDPMObjective, batch: int, step: int, g: torch
 
 
 def pretrain(model: nn.Module, data: Data, held: HeldOut, *, batch: int, lr: float, window: int, cap: int,
-             min_steps: int, tolerance: float, seed: int) -> dict:
-    """AdamW until the held-out loss improved < `tolerance` (relative) over the last `window` steps, or `cap`.
+             min_steps: int, tolerance: float, decay_fraction: float, seed: int) -> dict:
+    """AdamW warm-up → constant LR until flat → linear decay to 0 (warm-up-stable-decay).
 
-    Returns the steps taken, the held-out curve [(step, loss)], and seconds per step.
+    The constant phase ends once the held-out loss improved less than `tolerance` (relative) over the
+    last `window` steps (after `min_steps`), or at `cap`·(1 − `decay_fraction`); the decay then takes
+    `decay_fraction` of all steps, so the static model is converged rather than caught mid-noise and
+    the total stays ≤ `cap`. Returns the steps taken, the held-out curve [(step, loss)] (its last
+    point is the final model), whether the loss flattened before the cap, and seconds per step.
     """
+    if not 0.0 <= decay_fraction < 1.0:
+        raise ValueError(f"efficacy: --decay-fraction must be in [0, 1), got {decay_fraction}")
     objective = held.objective
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, min(50, cap // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    stable_cap = max(1, int(cap * (1 - decay_fraction)))
     g = torch.Generator().manual_seed(seed + 3)
     curve = [(0, held.loss(model))]
     model.train()
-    start, step = time.perf_counter(), 0
-    while step < cap:
+    start, step, end, flattened = time.perf_counter(), 0, cap, False
+    decay_from, decay_steps = None, 0
+    bar = tqdm(total=cap, desc="efficacy: pre-train (until flat, then LR decay)", unit="step", leave=False)
+    while step < end:
+        factor = min(1.0, (step + 1) / warmup) if decay_from is None else 1.0 - (step - decay_from) / decay_steps
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
         loss = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
-        if step % window == 0 or step == cap:
+        bar.update()
+        if decay_from is None and (step % window == 0 or step == stable_cap):
             curve.append((step, held.loss(model)))
             prev, cur = curve[-2][1], curve[-1][1]
-            if step >= min_steps and (prev - cur) / abs(prev) < tolerance:
-                break
+            bar.set_postfix(heldout=f"{cur:.4f}")
+            flattened = step >= min_steps and (prev - cur) / abs(prev) < tolerance
+            if flattened or step >= stable_cap:
+                decay_from, decay_steps = step, round(step * decay_fraction / (1 - decay_fraction))
+                end = step + decay_steps
+                bar.total = end
+    bar.close()
     seconds = time.perf_counter() - start
+    curve.append((step, held.loss(model)))
     return {"steps": step, "curve": curve, "s_per_step": seconds / max(step, 1), "seconds": seconds,
-            "converged": step < cap}
+            "converged": flattened, "decay_steps": decay_steps}
 
 
 def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float, steps: int, batch: int,
@@ -166,7 +184,7 @@ def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float
     g = torch.Generator().manual_seed(seed + 5)
     warmup = max(1, math.ceil(steps / 2))
     log = []
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"efficacy: fine-tune λ={lam}", unit="step", leave=False):
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
         diffusion = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
         ratio = flops_ratio(model)
