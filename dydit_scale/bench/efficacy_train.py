@@ -169,11 +169,14 @@ def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float
                      lr: float, dynamic: dict, seed: int) -> tuple[nn.Module, list[dict]]:
     """A dynamic copy of `static` trained `steps` steps on DDPM loss + FLOPs loss towards λ.
 
-    λ_eff ramps from 1 to λ over the first half of the steps (no hold), so the second half adapts the
-    weights to the final widths; routers get `router_lr_scale` × lr (they start near-open, σ(bias)).
+    λ_eff ramps from 1 to λ over the first half of the steps (no hold); in the second half the weights
+    adapt to the final widths while their LR decays linearly to 0 (the static model ended its own
+    decay converged); routers keep `router_lr_scale` × lr (they start near-open, σ(bias)). The global
+    RNG (router noise) is seeded per λ, so each row is reproducible whatever ran before it.
     """
     import copy
 
+    torch.manual_seed(seed + round(1000 * lam))
     config = DynamicConfig(target_flops_ratio=lam, **dynamic)
     model = make_dynamic(copy.deepcopy(static), config).train()
     routers = [p for n, p in model.named_parameters() if "router" in n]
@@ -185,6 +188,7 @@ def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float
     warmup = max(1, math.ceil(steps / 2))
     log = []
     for step in tqdm(range(steps), desc=f"efficacy: fine-tune λ={lam}", unit="step", leave=False):
+        opt.param_groups[0]["lr"] = lr * min(1.0, (steps - step) / max(1, steps - warmup))
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
         diffusion = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
         ratio = flops_ratio(model)
