@@ -76,13 +76,7 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def _step_seconds(model: torch.nn.Module, inputs: dict, steps: int) -> float:
-    """Median step time of one model after 2 warm-up steps (the memory children)."""
-    optimizer = _adamw(model)
-    return statistics.median([_train_step(model, inputs, optimizer) for _ in range(steps + 2)][2:])
-
-
-def _interleaved_step_seconds(models: dict[str, torch.nn.Module], inputs: dict, steps: int) -> dict[str, float]:
+def _step_seconds(models: dict[str, torch.nn.Module], inputs: dict, steps: int) -> dict[str, float]:
     """Median step time per model, the models taking turns step by step (after 2 warm-up rounds), so
     that a machine that speeds up or slows down during the run affects every model alike."""
     optimizers = {name: _adamw(model) for name, model in models.items()}
@@ -140,7 +134,7 @@ def _peak_memory_child(preset: str, mode: str, steps: int) -> dict:
         inputs = {k: v[:1] if torch.is_tensor(v) else v for k, v in _inputs(model).items()}
         if cuda:
             model, inputs = model.cuda(), {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
-        _step_seconds(model, inputs, steps)
+        _step_seconds({mode: model}, inputs, steps)
     used = torch.cuda.max_memory_allocated() if cuda else rss.peak - rss.base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"peak_bytes": used, "trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
@@ -160,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     static = _model(args.preset)
     dynamic = make_dynamic(copy.deepcopy(static), DynamicConfig())
     inputs = _inputs(static)
-    seconds = _interleaved_step_seconds({"static": static, "dynamic_masked": dynamic}, inputs, args.steps)
+    seconds = _step_seconds({"static": static, "dynamic_masked": dynamic}, inputs, args.steps)
     full, td = _memory(args.preset, "full"), _memory(args.preset, "td_lora")
     result = {
         "preset": args.preset, "threads": torch.get_num_threads(),

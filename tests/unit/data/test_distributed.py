@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import exit_after_success, run_ranks
 
 from dydit_scale.config import DataConfig
 from dydit_scale.data import build_loader
@@ -48,19 +47,12 @@ def _rank_main(rank: int, world_size: int, root: str, out: str) -> None:
         Path(out, f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "len": len(loader)}))
     finally:
         dist.destroy_process_group()
+    exit_after_success()
 
 
 @pytest.mark.distributed
 def test_two_ranks_see_disjoint_shards_and_equal_batch_counts(clean_image_shards, tmp_path):
-    ctx = mp.start_processes(_rank_main, args=(2, str(clean_image_shards), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for rank, process in enumerate(ctx.processes):
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"ranks still running after {TIMEOUT_S}s (a rank waits in a collective?)")
+    run_ranks(_rank_main, (2, str(clean_image_shards), str(tmp_path)), timeout_s=TIMEOUT_S)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["len"] == results[1]["len"]
     for epoch in range(2):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_processes import exit_after_success, run_ranks
 
 from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
 
@@ -117,20 +116,12 @@ def _global_mean_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         torch.save({"loss": loss.detach(), "grad": grad / world, "local": local}, Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_after_success()
 
 
 @pytest.mark.distributed
 def test_global_mean_over_two_ranks_equals_one_rank_on_the_global_batch(tmp_path):
-    context = mp.start_processes(
-        _global_mean_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("2-rank FLOPs-loss workers did not finish within 120 s")
+    run_ranks(_global_mean_worker, (2, str(tmp_path / "store"), str(tmp_path)))
     logits = _shared_logits()
     reference = flops_loss(_ratios(logits, RANK_OFFSETS[0] + RANK_OFFSETS[1]), TARGET)
     reference.backward()
