@@ -42,8 +42,8 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     family: Literal["flux", "pixart", "latte"] = "flux"
     """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video)."""
-    path: str = "runs/tiny_flux"
-    """Local diffusers folder: a whole pipeline (model_index.json) or a transformer folder. Never downloaded."""
+    path: str
+    """Required. Local diffusers folder: a whole pipeline (model_index.json) or a transformer folder. Never downloaded."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Training precision of the transformer (routers, FLOPs ratio and losses stay fp32)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -221,8 +221,8 @@ class Recipe(_Section):
 
     run: RunConfig = Field(default_factory=RunConfig)
     """Run identity and output folder."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    """Which diffusers model to start from."""
+    model: ModelConfig
+    """Which diffusers model to start from (`model.path` is required)."""
     dynamic: DynamicConfig = Field(default_factory=DynamicConfig)
     """How the model is made dynamic."""
     lora: LoraConfig = Field(default_factory=LoraConfig)

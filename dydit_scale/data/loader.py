@@ -83,9 +83,15 @@ class _EpochDataset(IterableDataset):
             quota=worker_quota(self.num_batches, worker=worker, num_workers=self.num_workers),
             cursor=Cursor.from_dict(self.cursors.get(worker)),
         )
-        for batch in stream:
-            batch["_worker"] = worker
-            yield batch
+        try:
+            for batch in stream:
+                batch["_worker"] = worker
+                yield batch
+        except DataFormatError as err:
+            if info is None:
+                raise
+            # Crosses the worker boundary as its one-line message; torch would wrap it in a traceback.
+            yield {"_error": str(err)}
 
 
 class ShardLoader:
@@ -101,6 +107,7 @@ class ShardLoader:
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.epoch, self.batch = 0, 0
         self._cursors: dict[int, dict[str, Any]] = {}
+        self._live: Iterator[dict[str, Any]] | None = None
         self.skipped: Counter[str] = Counter({reason: 0 for reason in SKIP_REASONS})
 
     def __len__(self) -> int:
@@ -118,12 +125,29 @@ class ShardLoader:
             prefetch_factor=self.prefetch_factor if self._ds.cfg.workers > 0 else None,
             persistent_workers=False,
         )
-        for batch in loader:
-            self._cursors[int(batch.pop("_worker"))] = batch.pop("_cursor")
-            self.batch += 1
-            self.skipped.update(batch["skipped"])
-            yield batch
+        self._live = iter(loader)
+        try:
+            for batch in self._live:
+                if "_error" in batch:
+                    raise DataFormatError(batch["_error"])
+                self._cursors[int(batch.pop("_worker"))] = batch.pop("_cursor")
+                self.batch += 1
+                self.skipped.update(batch["skipped"])
+                yield batch
+        finally:
+            self.close()
         self._next_epoch()
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now.
+
+        They ignore SIGTERM (see `_ignore_stop_signals`), so the interpreter's exit-time terminate()
+        cannot end them; a failed run must shut them down through the DataLoader itself.
+        """
+        live, self._live = self._live, None
+        shutdown = getattr(live, "_shutdown_workers", None)  # multiprocess iterators only
+        if shutdown is not None:
+            shutdown()
 
     def _next_epoch(self) -> None:
         self.epoch, self.batch, self._cursors = self.epoch + 1, 0, {}
@@ -208,8 +232,15 @@ def build_loader(
     rank, world_size = _dist_info(rank, world_size)
     urls = expand_shard_spec(spec, where=where)
     check_enough_shards(len(urls), world_size=world_size, num_workers=max(1, cfg.workers), where=where)
+    sizes = resolve_sizes(urls)
+    if sum(sizes) < world_size * cfg.batch_size:
+        raise DataFormatError(
+            f"{where}: {len(urls)} shard(s) hold {sum(sizes)} sample(s), fewer than one batch of "
+            f"data.batch_size {cfg.batch_size} x {world_size} rank(s); every batch would repeat samples "
+            "(lower data.batch_size or add data)"
+        )
     dataset = _EpochDataset(
-        urls, resolve_sizes(urls), cfg=cfg, seed=seed, rank=rank, world_size=world_size,
+        urls, sizes, cfg=cfg, seed=seed, rank=rank, world_size=world_size,
         shuffle=split == "train", min_side=cfg.resolution // 2 if min_side is None else min_side,
         buckets=buckets,
     )

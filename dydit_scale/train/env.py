@@ -1,4 +1,5 @@
-"""Process-group start-up under any launcher, and the run's `env.json` (versions, world size, git SHA)."""
+"""Process-group start-up under any launcher, and the run's own files: `recipe.yaml` and `env.json`
+(versions, world size, git SHA)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from dydit_scale import dist
 from dydit_scale.config import Recipe
-from dydit_scale.io import atomic_write_json
+from dydit_scale.io import atomic_write_json, atomic_write_text
 
 
 def _free_port() -> int:
@@ -74,3 +75,17 @@ def write_env(path: Path) -> None:
     atomic_write_json(path, {"versions": versions, "python": platform.python_version(), "git_sha": _git_sha(),
                              "host": socket.gethostname(), "world_size": dist.world_size(),
                              "cuda": torch.cuda.is_available()})
+
+
+def keep_earlier_recipe(run_dir: Path, text: str) -> None:
+    """Write `run_dir/recipe.yaml`; a different earlier one is kept as `recipe.N.yaml` (N = 1, 2, ...),
+    since the checkpoints it produced are exported with the recipe they were trained with."""
+    current = run_dir / "recipe.yaml"
+    if current.is_file():
+        if current.read_text() == text:
+            return
+        n = 1
+        while (run_dir / f"recipe.{n}.yaml").exists():
+            n += 1
+        os.replace(current, run_dir / f"recipe.{n}.yaml")
+    atomic_write_text(current, text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import time
 from collections import Counter
@@ -29,14 +30,17 @@ from dydit_scale.diffusion import build_objective
 from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.dynamic.routers import complete_rows
-from dydit_scale.io import atomic_write_text, load_tensors
+from dydit_scale.io import load_tensors
 from dydit_scale.models.build import build_dynamic_transformer
 from dydit_scale.models.encoders import encode_text, load_frozen_components
 from dydit_scale.models.family import FAMILIES, encode_pixels, scale_latents, transformer_inputs
 from dydit_scale.train import checkpoint
 from dydit_scale.train.adapters import save_adapters
 from dydit_scale.train.engine import EMA, build_engine
-from dydit_scale.train.env import init_distributed, write_env
+from dydit_scale.train.env import init_distributed, keep_earlier_recipe, write_env
+from dydit_scale.train.failure import checkpoint_write_error
+from dydit_scale.train.identity import KEY as IDENTITY
+from dydit_scale.train.identity import check_resume, run_identity
 from dydit_scale.train.metrics import MetricsLog
 from dydit_scale.train.validation import Validator
 from dydit_scale.train.watchdog import start_from_env as start_watchdog
@@ -61,12 +65,17 @@ class Trainer:
         self._install_signal_handlers()
         init_distributed(recipe)
         self._failed = False
-        self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank (issue 8)
+        self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
         self.family = FAMILIES[recipe.model.family]
         self.objective = build_objective(self.family.objective, timestep_weighting=recipe.train.timestep_weighting)
-        self._write_run_files()
+        # Everything that can refuse the launch runs before a file of the run is written, so a failed
+        # relaunch leaves the run folder as it was.
+        self.identity = run_identity(recipe, self.family.objective)
+        self._resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, self.ckpt_root)
+        if self._resume_from is not None:
+            check_resume(checkpoint.read_marker(self._resume_from), self.identity, self._resume_from)
         dist.seed_everything(recipe.run.seed)
         self.model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora)
         if recipe.train.activation_checkpointing:
@@ -79,16 +88,20 @@ class Trainer:
         self.step = 0
         self._resume()
         self.validator = Validator(self)
+        self._write_run_files()
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main(), tensorboard=recipe.log.tensorboard,
                                   total_steps=recipe.train.steps, start_step=self.step,
                                   every_steps=recipe.log.every_steps)
 
     # ----------------------------------------------------------------------------------- setup
     def _write_run_files(self) -> None:
+        """recipe.yaml and env.json of this accepted launch; an earlier, different recipe is kept as
+        recipe.N.yaml, and `.partial` folders of saves that never finished are removed."""
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+            keep_earlier_recipe(self.run_dir, dump_recipe(self.recipe))
             write_env(self.run_dir / "env.json")
+            checkpoint.remove_partials(self.ckpt_root)
         dist.barrier()
 
     def _frozen_components(self):
@@ -96,7 +109,7 @@ class Trainer:
         return load_frozen_components(self.recipe.model.path)
 
     def _resume(self) -> None:
-        folder = checkpoint.resolve_resume(self.recipe.checkpoint.resume, self.ckpt_root)
+        folder = self._resume_from
         if folder is None:
             return
         exclude_frozen = self.recipe.lora.kind != "none"
@@ -234,15 +247,39 @@ class Trainer:
         log.info("finished at step %d; skipped samples: %s", self.step, json.dumps(_global_counts(self.loader.skipped)))
 
     def save(self) -> Path:
+        """Checkpoint this step; a failed write (disk full, quota) is one line naming the device, and
+        rank 0 removes the uncommitted folder so that the space comes back."""
         exclude_frozen = self.recipe.lora.kind != "none"
         rank_state = {"data": self.loader.state_dict()}
         tensors = {} if self.ema is None else {f"ema-rank{dist.rank()}.safetensors": self.ema.state_dict()}
-        folder = checkpoint.save(self.engine, self.ckpt_root, self.step,
-                                 state={"target_flops_ratio": self.recipe.dynamic.target_flops_ratio},
-                                 rank_state=rank_state, keep=self.recipe.checkpoint.keep,
-                                 exclude_frozen=exclude_frozen, rank_tensors=tensors,
-                                 before_commit=lambda partial: save_adapters(self.engine.module, self.recipe, partial))
-        return folder
+        previous = checkpoint.complete_checkpoints(self.ckpt_root)
+        try:
+            return checkpoint.save(self.engine, self.ckpt_root, self.step,
+                                   state={"target_flops_ratio": self.recipe.dynamic.target_flops_ratio,
+                                          IDENTITY: self.identity},
+                                   rank_state=rank_state, keep=self.recipe.checkpoint.keep,
+                                   exclude_frozen=exclude_frozen, rank_tensors=tensors,
+                                   before_commit=lambda partial: save_adapters(self.engine.module, self.recipe, partial))
+        except Exception as err:
+            partial = self.ckpt_root / f"{checkpoint.step_name(self.step)}.partial"
+            translated = checkpoint_write_error(err, partial, previous[-1] if previous else None)
+            if dist.is_main():
+                shutil.rmtree(partial, ignore_errors=True)
+            if translated is None:
+                raise
+            raise translated from err
+
+    def abort(self, cause: str) -> None:
+        """After a failure: tell the other ranks `cause`, stop loader workers and flush logs, without
+        collectives (peers may be gone)."""
+        self._failed = True
+        closers = [self.loader.close, self.metrics.close]
+        if self.watchdog is not None:
+            self.watchdog.report_failure(cause)
+            closers.append(self.watchdog.stop)
+        for close in closers:
+            with contextlib.suppress(Exception):  # each one runs, whatever the previous one did
+                close()
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: Any) -> None:

@@ -7,12 +7,15 @@ counter `hb/<rank>` in the store every `interval_s` from a daemon thread and wat
 else's; when a counter stands still for `timeout_s` (or the store itself is gone), this rank prints
 one line naming the dead rank and leaves with exit code `EXIT_CODE`, from the thread, so a main
 thread stuck inside gloo cannot keep it. Clock skew does not matter: only local monotonic time is
-compared. Knobs (env): DYDIT_HEARTBEAT_TIMEOUT seconds (default 30; 0 turns the watchdog off),
+compared. A rank that fails on its own (bad data, a full disk) posts its one-line cause under
+`failed`, and every other rank leaves within one interval naming it, with that rank's exit code 2
+instead of waiting for a timeout. Knobs (env): DYDIT_HEARTBEAT_TIMEOUT seconds (default 30; 0 turns the watchdog off),
 DYDIT_HEARTBEAT_INTERVAL seconds (default 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,6 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 EXIT_CODE = 75  # EX_TEMPFAIL: a peer failed; relaunching (checkpoint.resume=auto) is the remedy
+PEER_FAILED_EXIT_CODE = 2  # a peer reported its own error: relaunching would only repeat it
 _COMM_ERROR_WORDS = ("gloo", "nccl", "connection", "timed out", "broken pipe", "socket")
 
 
@@ -42,13 +46,14 @@ class Watchdog:
 
     def __init__(self, rank: int, world_size: int, *, host: str, port: int, timeout_s: float = 30.0,
                  interval_s: float = 2.0, prefix: str = "dydit/watchdog",
-                 on_dead: Callable[[str], None] | None = None):
+                 on_dead: Callable[[str, int], None] | None = None):
         self.rank, self.world_size = rank, world_size
         self.host, self.port = host, port
         self.timeout_s, self.interval_s = timeout_s, interval_s
         self.prefix = prefix
         self.on_dead = on_dead or _exit_with
         self.verdict: str | None = None
+        self._reported = False
         self._stopped = threading.Event()
         self._decided = threading.Event()
         self._parent = os.getppid()
@@ -76,6 +81,12 @@ class Watchdog:
             pass
         self._thread.join(timeout=self.interval_s * 2)
 
+    def report_failure(self, message: str) -> None:
+        """Tell every other rank why this one is about to exit, so that they exit too, at once."""
+        self._reported = True
+        with contextlib.suppress(Exception):  # a store that is gone cannot carry the news
+            self._store.compare_set("failed", "", f"rank {self.rank}: {message}")
+
     def explain(self, err: BaseException) -> None:
         """After a collective failed on this rank: wait (up to the timeout) for the heartbeat verdict
         so that the exit names the dead rank; returns if no peer turns out dead."""
@@ -94,6 +105,10 @@ class Watchdog:
                 return
             try:
                 self._store.add(f"hb/{self.rank}", 1)
+                if not self._reported and self._store.check(["failed"]):
+                    cause = self._store.get("failed").decode()
+                    self._dead(f"{cause}; rank {self.rank} exits", PEER_FAILED_EXIT_CODE)
+                    return
                 now = time.monotonic()
                 for r, (count, since) in list(last_seen.items()):
                     if self._store.add(f"done/{r}", 0):
@@ -123,15 +138,15 @@ class Watchdog:
         except Exception:  # noqa: BLE001
             return "?"
 
-    def _dead(self, message: str) -> None:
+    def _dead(self, message: str, code: int = EXIT_CODE) -> None:
         if self._stopped.is_set():
             return
         self.verdict = message
         self._decided.set()
-        self.on_dead(message)
+        self.on_dead(message, code)
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, code: int) -> None:
     log.error("%s", message)
     print(f"dydit watchdog: {message}", file=sys.stderr, flush=True)
     for stream in (sys.stdout, sys.stderr):
@@ -139,7 +154,7 @@ def _exit_with(message: str) -> None:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
-    os._exit(EXIT_CODE)
+    os._exit(code)
 
 
 def start_from_env(rank: int, world_size: int) -> Watchdog | None:

@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
+    """A recipe file of `text` plus the one required field (model.path) unless `text` sets model."""
     path = tmp_path / "x.yaml"
-    path.write_text(text)
+    path.write_text(text if text.startswith("model:") else "model:\n  path: some/model\n" + text.replace("{}\n", ""))
     return path
 
 
@@ -73,7 +74,19 @@ def test_every_field_has_a_docstring():
 
 def test_recipe_is_frozen():
     with pytest.raises(Exception):
-        Recipe().optim.lr = 1.0  # type: ignore[misc]
+        Recipe(model={"path": "m"}).optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_model_path_is_required(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  family: flux\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.lines == [f"{path}: model.path: required field missing"]
+    path.write_text("run:\n  name: x\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.lines == [f"{path}: model: required field missing"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
