@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dydit_scale.dynamic import flops
+from dydit_scale.io import load_tensors
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "LayerEntry", "RouterSchedule", "TimeKeys", "TokenShape",
@@ -206,10 +207,14 @@ class RouterSchedule:
         header = json.loads(header_path.read_text())
         if header.get("format") != FORMAT:
             raise ValueError(f"{header_path}: not a router schedule (format={header.get('format')!r})")
-        if int(header.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{header_path}: format_version {header['format_version']} is newer than this code "
+        version = header.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"{header_path}: format_version {version!r} is not a version this code wrote; "
+                             f"expected 1..{FORMAT_VERSION} (re-export with dydit-export)")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{header_path}: format_version {version} is newer than this code "
                              f"({FORMAT_VERSION}); update dydit_scale")
-        tensors = load_file(str(tensors_path))
+        tensors = load_tensors(tensors_path)
         masks = {k.removeprefix("masks."): v for k, v in tensors.items() if k.startswith("masks.")}
         for name, mask in masks.items():
             table, ids = tensors[f"unique.{name}"], tensors[f"mask_ids.{name}"]

@@ -64,6 +64,13 @@ def _fast_class(cls: type) -> type:
     return type(f"Fast{cls.__name__}", (FastTransformerMixin, cls), {"__module__": __name__})
 
 
+def _check_model_class(model: nn.Module, schedule: RouterSchedule) -> None:
+    stock = next((cls.__name__ for cls in type(model).__mro__ if cls.__module__.startswith("diffusers.")), None)
+    if stock != schedule.model_class:
+        raise ValueError(f"apply_schedule: the schedule was exported for a {schedule.model_class} "
+                         f"({schedule.family or '?'}), the model is a {stock}; export it from this model")
+
+
 def _check_routers(model: nn.Module, schedule: RouterSchedule) -> dict[str, TimestepRouter]:
     routers = timestep_routers(model)
     missing, extra = sorted(routers.keys() - schedule.masks.keys()), sorted(schedule.masks.keys() - routers.keys())
@@ -100,6 +107,7 @@ def apply_schedule(model: nn.Module, schedule: RouterSchedule, *, low_memory: bo
     if isinstance(model, FastTransformerMixin):
         raise ValueError("apply_schedule: the model already executes a schedule")
     check_attention(attention)
+    _check_model_class(model, schedule)
     routers = _check_routers(model, schedule)
     if verify:
         _check_hashes(model, schedule)

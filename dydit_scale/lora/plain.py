@@ -23,9 +23,9 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors import safe_open
 from torch import nn
 
+from dydit_scale.io import read_safetensors
 from dydit_scale.lora.td_lora import match_linears
 
 __all__ = ["LORA_WEIGHT_NAME", "apply_lora", "load_lora_diffusers", "lora_state_dict", "save_lora_diffusers"]
@@ -90,9 +90,9 @@ def load_lora_diffusers(model: nn.Module, folder: str | os.PathLike) -> list[str
     adapted module names.
     """
     path = Path(folder) / LORA_WEIGHT_NAME
-    with safe_open(str(path), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get(_METADATA_KEY, "{}"))
-        weights = {k.removeprefix(f"{_PREFIX}."): f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_safetensors(path)
+    header = json.loads(metadata.get(_METADATA_KEY, "{}"))
+    weights = {k.removeprefix(f"{_PREFIX}."): v for k, v in tensors.items()}
     config = {k.removeprefix(f"{_PREFIX}."): v for k, v in header.items() if k.startswith(f"{_PREFIX}.")}
     if not config:
         raise ValueError(f"{path}: no {_METADATA_KEY} header; cannot tell rank and alpha")

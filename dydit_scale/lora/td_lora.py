@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from dydit_scale.io import save_tensors
+from dydit_scale.io import read_safetensors, save_tensors
 
 __all__ = [
     "TDLoRALinear",
@@ -327,14 +326,12 @@ def save_td_lora(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def read_td_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TDLoRAFileInfo]:
     """Tensors and header of an adapter file written by `save_td_lora`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a TD-LoRA adapter file (header format={meta.get('format')!r})")
-        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {meta['format_version']} is newer than "
-                             f"this code ({FORMAT_VERSION}); update dydit_scale")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a TD-LoRA adapter file (header format={meta.get('format')!r})")
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta['format_version']} is newer than "
+                         f"this code ({FORMAT_VERSION}); update dydit_scale")
     info = TDLoRAFileInfo(rank=int(meta["rank"]), alpha=float(meta["alpha"]), experts=int(meta["experts"]),
                           cond_dim=int(meta["cond_dim"]), targets=tuple(json.loads(meta["targets"])),
                           blocks=tuple(json.loads(meta["blocks"])), modules=tuple(json.loads(meta["modules"])))

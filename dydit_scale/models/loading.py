@@ -6,7 +6,9 @@ transformer folder (`config.json` with `_class_name`). Every problem is one line
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,7 +64,9 @@ def load_transformer(path: str | Path, family: str | None = None, dtype: torch.d
     if family is not None and found != family:
         raise ModelFolderError(f"{path}: holds a {found} transformer, but model.family is {family!r}")
     cls = getattr(diffusers, FAMILY_CLASSES[found][0])
-    return cls.from_pretrained(transformer_folder(path), dtype=dtype, local_files_only=True)
+    folder = transformer_folder(path)
+    with _named_load_errors(folder):
+        return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
 
 
 def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32,
@@ -76,4 +80,18 @@ def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, 
         raise ModelFolderError(f"{path}: not a diffusers pipeline folder; expected model_index.json")
     cls = getattr(diffusers, FAMILY_CLASSES[detect_family(path)][1])
     extra = {"transformer": transformer} if transformer is not None or drop_transformer else {}
-    return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+    with _named_load_errors(path):
+        return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+
+
+@contextlib.contextmanager
+def _named_load_errors(folder: Path) -> Iterator[None]:
+    """diffusers reports a truncated or foreign weight file as a multi-line OSError: make it one line."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, ModelFolderError):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ModelFolderError(f"{folder}: cannot load the model ({first.rstrip('. ')}); is a weight file "
+                               "truncated or from another model?") from None

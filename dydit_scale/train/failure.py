@@ -34,9 +34,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message alone tells the user what to fix."""
     from dydit_scale.config import RecipeError
     from dydit_scale.data.format import DataFormatError
+    from dydit_scale.io import UnreadableFileError
     from dydit_scale.models.loading import ModelFolderError
 
-    return RecipeError, DataFormatError, ModelFolderError, CheckpointWriteError, FileNotFoundError
+    return (RecipeError, DataFormatError, ModelFolderError, UnreadableFileError, CheckpointWriteError,
+            FileNotFoundError)
 
 
 def _chain(err: BaseException):

@@ -83,4 +83,4 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], folder: Path) -
     if changed:
         names = ", ".join(changed).replace("base_model (", "base model weights (")
         raise RecipeError([f"checkpoint.resume: {folder} was trained with other settings; changed: {names}. "
-                           "Restore them, or start a new run (another run.name, or checkpoint.resume=never)"])
+                           "Restore them, or start a new run (another run.name)"])

@@ -173,3 +173,14 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
         assert json.loads((disk / "full" / "checkpoints" / "step-0000002" / "dydit_state.json").read_text())["step"] == 2
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_truncated_model_weight_file_is_one_line_naming_it(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("flux"), model)
+    weights = next((model / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shards = tmp_path / "shards"
+    launch.write_identical_shards(shards, shards=1, per_shard=8)
+    result, took = _run([f"model.path={model}", f"data.shards={shards}", f"run.output_dir={tmp_path / 'runs'}"])
+    _assert_one_line_failure(result, took, str(weights), "start-up")

@@ -67,3 +67,14 @@ def test_missing_sizes_json_is_counted_with_a_warning(clean_image_shards, tmp_pa
     with caplog.at_level(logging.WARNING):
         assert resolve_sizes([str(tmp_path / "x.tar")]) == [6]
     assert "sizes.json" in caplog.text
+
+
+def test_a_batch_larger_than_the_data_is_refused_with_the_numbers(clean_image_shards):
+    from dydit_scale.config import DataConfig
+    from dydit_scale.data import build_loader
+
+    cfg = DataConfig(shards=str(clean_image_shards), resolution=32, batch_size=16, workers=0, shuffle_buffer=0)
+    build_loader(cfg, seed=0, rank=0, world_size=1)  # 31 samples: one batch of 16 fits
+    with pytest.raises(DataFormatError, match=r"5 shard\(s\) hold 31 sample\(s\), fewer than one batch of "
+                                              r"data.batch_size 16 x 2 rank\(s\)"):
+        build_loader(cfg, seed=0, rank=0, world_size=2)

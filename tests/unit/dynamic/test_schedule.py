@@ -107,3 +107,41 @@ def test_exporting_twice_gives_the_same_file(tmp_path):
     export_schedule(copy.deepcopy(model), keys).save(tmp_path / "b")
     for name in ("schedule.safetensors", "schedule.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("version", [0, None, "1"])
+def test_a_schedule_without_a_version_this_code_wrote_is_refused(tmp_path, version):
+    import json
+
+    folder = _synthetic(torch.tensor([999, 500])).save(tmp_path)
+    header = json.loads((folder / "schedule.json").read_text())
+    header["format_version"] = version
+    (folder / "schedule.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="format_version .* is not a version this code wrote"):
+        RouterSchedule.load(folder)
+
+
+def test_a_truncated_schedule_file_is_one_line_naming_it(tmp_path):
+    from dydit_scale.io import UnreadableFileError
+
+    folder = _synthetic(torch.tensor([999, 500])).save(tmp_path)
+    data = (folder / "schedule.safetensors").read_bytes()
+    (folder / "schedule.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableFileError) as err:
+        RouterSchedule.load(folder)
+    assert "\n" not in str(err.value) and str(folder / "schedule.safetensors") in str(err.value)
+
+
+def test_a_schedule_of_another_model_class_is_refused(tmp_path):
+    import json
+
+    from dydit_scale import apply_schedule
+
+    model = make_dynamic(tiny_transformer("flux"), DynamicConfig()).eval()
+    folder = export_schedule(model, torch.tensor([1.0, 0.5])).save(tmp_path)
+    header = json.loads((folder / "schedule.json").read_text())
+    assert header["model_class"] == "FluxTransformer2DModel" and header["family"] == "flux"
+    header.update(model_class="PixArtTransformer2DModel", family="pixart")
+    (folder / "schedule.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="exported for a PixArtTransformer2DModel .pixart., the model is a FluxTransformer2DModel"):
+        apply_schedule(model, RouterSchedule.load(folder))

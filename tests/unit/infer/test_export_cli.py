@@ -95,3 +95,23 @@ def test_export_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert err.startswith("dydit-export: ") and "\n" not in err
     assert cli.sample([str(tmp_path), str(tmp_path / "out"), "--schedule", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_a_truncated_schedule_or_model_weight_file_is_one_line_naming_it(tiny_runs, tmp_path, capsys):
+    import shutil
+
+    run = tiny_runs["td_lora"]
+    assert cli.export([str(run), str(tmp_path / "schedule"), "--steps", "2"]) == 0
+    capsys.readouterr()
+    tensors = tmp_path / "schedule" / "schedule.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    assert cli.sample([str(run), str(tmp_path / "out"), "--schedule", str(tmp_path / "schedule")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tensors) in err
+    routers = tmp_path / "run" / "checkpoints" / "step-0000002" / "routers.safetensors"
+    shutil.copytree(run, tmp_path / "run")
+    routers.write_bytes(routers.read_bytes()[:-10])
+    assert cli.export([str(tmp_path / "run"), str(tmp_path / "again"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(routers) in err
