@@ -60,10 +60,15 @@ def _resolution(text: str) -> tuple[int, int]:
 
 
 def _zero_state_dict(step_folder):
-    """Full fine-tuning weights consolidated from the ZeRO files with DeepSpeed's own tool."""
+    """Full fine-tuning weights consolidated from the ZeRO files with DeepSpeed's own tool, weights-only
+    (a tampered file is refused with an UnsafeCheckpointError, a ValueError naming it)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(step_folder.parent), tag=step_folder.name)
+    from dydit_scale.train import safe_load
+
+    safe_load.scan(step_folder)
+    with safe_load.forced():
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_folder.parent), tag=step_folder.name)
 
 
 def export(argv: list[str] | None = None) -> int:

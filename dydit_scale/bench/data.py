@@ -60,12 +60,19 @@ def _bare_video(sample: dict[str, Any], *, resolution: int, num_frames: int) -> 
     return clip.float().div_(127.5).sub_(1.0), sample["txt"].decode()
 
 
+def _text(key: str, data: bytes) -> str | None:
+    """The `.txt` member as a string (a decoder handler; None = not mine)."""
+    return data.decode("utf-8") if key == ".txt" else None
+
+
 def _bare_loader(urls: list[str], kind: str, args: argparse.Namespace) -> torch.utils.data.DataLoader:
     """What a user would write with webdataset alone (stack.md §5), doing the same per-sample work."""
     import webdataset as wds
 
     if kind == "image":
-        stages = [wds.decode("pilrgb"), wds.map(functools.partial(_bare_image, resolution=args.resolution))]
+        # Images and text only: webdataset's default post-handlers would also unpickle .pyd/.pickle members.
+        decode = wds.decode(wds.imagehandler("pilrgb"), _text, pre=[], post=[], only=["jpg", "png", "txt"])
+        stages = [decode, wds.map(functools.partial(_bare_image, resolution=args.resolution))]
     else:
         stages = [wds.map(functools.partial(_bare_video, resolution=args.resolution, num_frames=args.num_frames))]
     pipeline = wds.DataPipeline(

@@ -66,6 +66,18 @@ def resolve_resume(policy: str, root: Path) -> Path | None:
     return folder
 
 
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The commit marker of a complete step folder (step, world size, what the run trains)."""
+    return json.loads((folder / MARKER).read_text())
+
+
+def remove_partials(root: Path) -> None:
+    """Remove `.partial` folders: saves that never committed; a later save of that step rewrites it."""
+    for folder in sorted(root.glob("step-*.partial")) if root.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, an unfinished save", folder)
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -125,15 +137,17 @@ def save(engine: Any, root: Path, step: int, *, state: dict[str, Any], rank_stat
 
 def to_universal(folder: Path) -> Path:
     """`folder/universal`: DeepSpeed's world-size-free layout of a step folder, converted once (rank 0,
-    `python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`) and reused afterwards."""
+    DeepSpeed's `ds_to_universal --inject_missing_state`, weights-only: see safe_load) and reused afterwards."""
+    from dydit_scale.train import safe_load
+
     out = folder / UNIVERSAL
     if dist.is_main() and not (out / "zero").is_dir():
         tmp = folder / f"{UNIVERSAL}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+        command = [sys.executable, "-m", "dydit_scale.train.safe_load", "--input_folder", str(folder),
                    "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, env=safe_load.safe_env())
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RecipeError([f"checkpoint.universal: converting {folder} failed: {tail[0]}"])
@@ -152,6 +166,8 @@ def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True
     checkpoint, and `rank_state["data"]` becomes the list of every saved rank's data state, which the
     loader resumes exactly at the same world size or else handles by `data.resume_policy`.
     """
+    from dydit_scale.train import safe_load
+
     state = json.loads((folder / MARKER).read_text())
     saved, world = int(state["world_size"]), dist.world_size()
     if not universal:
@@ -160,8 +176,10 @@ def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True
                 f"checkpoint.resume: {folder} was saved with world size {saved}, this run has {world}; "
                 "resume with checkpoint.universal=true (and data.resume_policy=reshuffle)"
             ])
-        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=strict,
-                                         load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
+        safe_load.scan(folder)
+        with safe_load.forced():
+            path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=strict,
+                                             load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
         if path is None:
             raise ValueError(f"{folder}: DeepSpeed found no checkpoint files in it")
         rank_state = json.loads((folder / f"rank-{dist.rank()}.json").read_text())
@@ -170,9 +188,12 @@ def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True
     if not engine.load_universal_checkpoint():
         raise ValueError("checkpoint.load(universal=True) needs an engine built with "
                          "\"checkpoint\": {\"load_universal\": true} (build_ds_config does it for checkpoint.universal)")
+    safe_load.scan(folder)  # on every rank, so that all of them stop on a tampered file
     converted = to_universal(folder)
-    path, _ = engine.load_checkpoint(str(folder), tag=converted.name, load_module_strict=strict,
-                                     load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
+    safe_load.scan(converted, recursive=True)
+    with safe_load.forced():
+        path, _ = engine.load_checkpoint(str(folder), tag=converted.name, load_module_strict=strict,
+                                         load_optimizer_states=load_optimizer, load_lr_scheduler_states=True)
     if path is None:
         raise ValueError(f"{converted}: DeepSpeed found no universal checkpoint files in it")
     ranks = [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(saved)]

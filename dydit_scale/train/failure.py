@@ -36,9 +36,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dydit_scale.data.format import DataFormatError
     from dydit_scale.io import UnreadableFileError
     from dydit_scale.models.loading import ModelFolderError
+    from dydit_scale.train.safe_load import UnsafeCheckpointError
 
-    return (RecipeError, DataFormatError, ModelFolderError, UnreadableFileError, CheckpointWriteError,
-            FileNotFoundError)
+    return (RecipeError, DataFormatError, ModelFolderError, UnreadableFileError, UnsafeCheckpointError,
+            CheckpointWriteError, FileNotFoundError)
 
 
 def _chain(err: BaseException):
@@ -77,6 +78,9 @@ def one_line(err: BaseException, *, traceback_dir: Path | None, rank: int) -> st
     """The failure as one line; a bug's traceback is saved under `traceback_dir` and named."""
     if isinstance(err, user_errors()):
         return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    full = next((e for e in _chain(err) if getattr(e, "errno", None) in _NO_SPACE), None)
+    if full is not None:  # outside a checkpoint write: a log line, a sample grid, a validation file
+        return f"no space left on device{f' writing {full.filename}' if full.filename else ''} ({full.strerror})"
     folder = traceback_dir if traceback_dir is not None and traceback_dir.is_dir() else Path(tempfile.gettempdir())
     where = folder / f"failure-rank{rank}.txt"
     try:
