@@ -296,6 +296,7 @@ class Trainer:
         return bool(flag.item())
 
     def close(self) -> None:
+        self.loader.close()  # its workers ignore SIGTERM: left to the interpreter's exit, they can block it
         self.metrics.close()
         if self.watchdog is not None:
             self.watchdog.stop()  # before the barrier: a rank that finished first is not a dead rank
