@@ -168,7 +168,7 @@ def load(engine: Any, folder: Path, *, strict: bool, load_optimizer: bool = True
     """
     from dydit_scale.train import safe_load
 
-    state = json.loads((folder / MARKER).read_text())
+    state = read_marker(folder)
     saved, world = int(state["world_size"]), dist.world_size()
     if not universal:
         if saved != world:
