@@ -1,4 +1,4 @@
-"""Plain (static) LoRA through peft, saved in diffusers' LoRA file format (architecture §2.12, stack §6).
+"""Plain (static) LoRA through peft, saved in diffusers' LoRA file format.
 
 We do not hand-write plain LoRA: `peft.inject_adapter_in_model` works on all three families (FLUX
 also has `add_adapter`, PixArt/Latte do not). Target matching is ours (the same suffix rule and
@@ -11,6 +11,10 @@ name), header {"format": "pt", "lora_adapter_metadata": JSON of the peft LoraCon
 `transformer.`}. That is exactly what `FluxPipeline.save_lora_weights` writes, so
 `FluxPipeline.load_lora_weights(folder)` loads it; the header carries `lora_alpha`, without which
 diffusers would assume alpha = r.
+
+A dynamic model's heads and MLP channels are permuted by magnitude; its A/B factors are written back
+in the base model's order (and permuted again on load), so the stock model + the file computes the
+fine-tuned model at full width.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
+from dydit_scale.dynamic.importance import reorder_state_dict
 from dydit_scale.io import read_safetensors
 from dydit_scale.lora.td_lora import match_linears
 
@@ -75,7 +80,8 @@ def save_lora_diffusers(model: nn.Module, folder: str | os.PathLike,
     if family not in ("flux", "pixart", "latte"):
         raise ValueError(f"save_lora_diffusers: family must be flux, pixart or latte, got {family!r}")
     metadata = {f"{_PREFIX}.{k}": v for k, v in _adapter_config(model).items()}
-    weights = {f"{_PREFIX}.{k}": v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    base_order = reorder_state_dict(lora_state_dict(model), getattr(model, "dydit_spans", []), to_base=True)
+    weights = {f"{_PREFIX}.{k}": v.detach().contiguous().cpu() for k, v in base_order.items()}
     folder = Path(folder)
     LoraBaseMixin.write_lora_layers(state_dict=weights, save_directory=str(folder), is_main_process=True,
                                     weight_name=LORA_WEIGHT_NAME, save_function=None,
@@ -86,13 +92,14 @@ def save_lora_diffusers(model: nn.Module, folder: str | os.PathLike,
 def load_lora_diffusers(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     """Load a file written by `save_lora_diffusers` into a base model (PixArt/Latte path; works for FLUX).
 
-    The adapter is injected from the header's config first when the model has none. Returns the
-    adapted module names.
+    The adapter is injected from the header's config first when the model has none; a dynamic model
+    gets the factors in its permuted order. Returns the adapted module names.
     """
     path = Path(folder) / LORA_WEIGHT_NAME
     tensors, metadata = read_safetensors(path)
     header = json.loads(metadata.get(_METADATA_KEY, "{}"))
     weights = {k.removeprefix(f"{_PREFIX}."): v for k, v in tensors.items()}
+    weights = reorder_state_dict(weights, getattr(model, "dydit_spans", []), to_base=False)
     config = {k.removeprefix(f"{_PREFIX}."): v for k, v in header.items() if k.startswith(f"{_PREFIX}.")}
     if not config:
         raise ValueError(f"{path}: no {_METADATA_KEY} header; cannot tell rank and alpha")

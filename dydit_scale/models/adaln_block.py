@@ -19,7 +19,7 @@ from torch import nn
 
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic import flops
-from dydit_scale.dynamic.importance import UnitSlice, apply_permutation, rank_units
+from dydit_scale.dynamic.importance import PermutedSpan, UnitSlice, permute_block
 from dydit_scale.dynamic.masks import mask_tokens, mask_units
 from dydit_scale.dynamic.routers import ForwardState, TimestepRouter, TokenRouter
 from dydit_scale.models.dynamic_model import (
@@ -222,17 +222,13 @@ def _head_parts(attn: Attention) -> list[UnitSlice]:
     return parts + [UnitSlice(attn.to_out[0], False, head_dim)]
 
 
-def permute_adaln_block(block: BasicTransformerBlock, config: DynamicConfig, where: str) -> dict[str, torch.Tensor]:
-    """Rank and permute self-attention heads, cross-attention heads (if dynamic) and FFN channels (§2.6)."""
+def permute_adaln_block(block: BasicTransformerBlock, config: DynamicConfig,
+                        where: str) -> tuple[dict[str, torch.Tensor], list[PermutedSpan]]:
+    """Rank and permute self-attention heads, cross-attention heads (if dynamic) and FFN channels."""
     attns = {"heads": block.attn1} if config.heads else {}
     if config.cross_attention and block.attn2 is not None:
         attns["cross_heads"] = block.attn2
     units = {key: (_head_parts(attn), attn.heads) for key, attn in attns.items()}
     fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
     units["mlp"] = ([UnitSlice(fc1, True, 1), UnitSlice(fc2, False, 1)], fc1.out_features)
-    perms = {}
-    for key, (parts, count) in units.items():
-        perm = rank_units(parts, count, config.importance_norm)
-        apply_permutation(parts, perm)
-        perms[f"{where}.{key}"] = perm
-    return perms
+    return permute_block(block, units, config.importance_norm, where)

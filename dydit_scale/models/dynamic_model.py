@@ -20,6 +20,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from dydit_scale.config import DynamicConfig
+from dydit_scale.dynamic.importance import PermutedSpan
 from dydit_scale.dynamic.masks import mask_units
 from dydit_scale.dynamic.routers import TimestepRouter, broadcast_timestep
 
@@ -42,13 +43,15 @@ def _stock_signature(cls: type) -> inspect.Signature:
 class DynamicTransformerMixin:
     """Forward: e_t → `broadcast_timestep` → the stock diffusers forward (signature and return type kept).
 
-    Attributes set by `make_dynamic`: `dydit_config` (the `dynamic:` section used) and
+    Attributes set by `make_dynamic`: `dydit_config` (the `dynamic:` section used),
     `dydit_permutations` ({"<block path>.heads" | ".mlp" | ".text_mlp": LongTensor}; entry i is the
-    original index of the unit now at position i, spec §2.6 step 5).
+    original index of the unit now at position i) and `dydit_spans` (which rows or columns of which
+    Linear each permutation moved: files for other tools are written back in the base model's order).
     """
 
     dydit_config: DynamicConfig
     dydit_permutations: dict[str, torch.Tensor]
+    dydit_spans: list[PermutedSpan]
 
     def timestep_embedding(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
         """The pure timestep embedding e_t [batch, C] that the TDW routers read."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic import flops
-from dydit_scale.dynamic.importance import UnitSlice, apply_permutation, rank_units
+from dydit_scale.dynamic.importance import PermutedSpan, UnitSlice, permute_block
 from dydit_scale.dynamic.masks import key_padding_mask, mask_tokens, mask_units
 from dydit_scale.dynamic.routers import ConditionedTokenRouter, ForwardState, TimestepRouter
 from dydit_scale.models.dynamic_model import (
@@ -279,39 +279,35 @@ def _check_attention(attn: FluxAttention, where: str) -> None:
         )
 
 
-def _permute_double(block: FluxTransformerBlock, config: DynamicConfig, where: str) -> dict[str, torch.Tensor]:
-    """Rank and permute joint heads (image + text projections) and FFN channels (spec §2.6)."""
-    attn, perms = block.attn, {}
+Permuted = tuple[dict[str, torch.Tensor], list[PermutedSpan]]
+
+
+def _permute_double(block: FluxTransformerBlock, config: DynamicConfig, where: str) -> Permuted:
+    """Rank and permute joint heads (image + text projections) and FFN channels (function-preserving)."""
+    attn, units = block.attn, {}
     if config.heads:
         rows = [attn.to_q, attn.to_k, attn.to_v, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
         parts = [UnitSlice(p, True, attn.head_dim) for p in rows]
         parts += [UnitSlice(p, False, attn.head_dim) for p in (attn.to_out[0], attn.to_add_out)]
-        perms[f"{where}.heads"] = _rank_and_apply(parts, attn.heads, config)
+        units["heads"] = (parts, attn.heads)
     ffs = {"mlp": block.ff, **({"text_mlp": block.ff_context} if config.text_mlp else {})}
     for key, ff in ffs.items():
         fc1, fc2 = ff.net[0].proj, ff.net[2]
-        parts = [UnitSlice(fc1, True, 1), UnitSlice(fc2, False, 1)]
-        perms[f"{where}.{key}"] = _rank_and_apply(parts, fc1.out_features, config)
-    return perms
+        units[key] = ([UnitSlice(fc1, True, 1), UnitSlice(fc2, False, 1)], fc1.out_features)
+    return permute_block(block, units, config.importance_norm, where)
 
 
-def _permute_single(block: FluxSingleTransformerBlock, config: DynamicConfig, where: str) -> dict[str, torch.Tensor]:
-    """Rank and permute heads and MLP channels; the fused proj_out columns move with both (§2.6)."""
-    attn, perms = block.attn, {}
+def _permute_single(block: FluxSingleTransformerBlock, config: DynamicConfig, where: str) -> Permuted:
+    """Rank and permute heads and MLP channels; the fused proj_out columns move with both."""
+    attn, units = block.attn, {}
     width = attn.heads * attn.head_dim
     if config.heads:
         parts = [UnitSlice(p, True, attn.head_dim) for p in (attn.to_q, attn.to_k, attn.to_v)]
         parts.append(UnitSlice(block.proj_out, False, attn.head_dim))
-        perms[f"{where}.heads"] = _rank_and_apply(parts, attn.heads, config)
+        units["heads"] = (parts, attn.heads)
     parts = [UnitSlice(block.proj_mlp, True, 1), UnitSlice(block.proj_out, False, 1, start=width)]
-    perms[f"{where}.mlp"] = _rank_and_apply(parts, block.proj_mlp.out_features, config)
-    return perms
-
-
-def _rank_and_apply(parts: list[UnitSlice], units: int, config: DynamicConfig) -> torch.Tensor:
-    perm = rank_units(parts, units, config.importance_norm)
-    apply_permutation(parts, perm)
-    return perm
+    units["mlp"] = (parts, block.proj_mlp.out_features)
+    return permute_block(block, units, config.importance_norm, where)
 
 
 def _check_block(block: nn.Module, config: DynamicConfig, where: str) -> None:
@@ -339,11 +335,14 @@ def convert_flux(model: FluxTransformer2DModel, config: DynamicConfig) -> DyFlux
         for index, block in enumerate(getattr(model, attr)):
             _check_block(block, config, f"{attr}.{index}")
     perms: dict[str, torch.Tensor] = {}
+    spans: list[PermutedSpan] = []
     for attr, permute, dynamic in stacks:
         blocks = getattr(model, attr)
         for index, block in enumerate(blocks):
-            perms.update(permute(block, config, f"{attr}.{index}"))
+            block_perms, block_spans = permute(block, config, f"{attr}.{index}")
+            perms.update(block_perms)
+            spans += block_spans
             blocks[index] = dynamic(block, config, f"{attr}.{index}")
     model.__class__ = DyFluxTransformer2DModel
-    model.dydit_config, model.dydit_permutations = config, perms
+    model.dydit_config, model.dydit_permutations, model.dydit_spans = config, perms, spans
     return model

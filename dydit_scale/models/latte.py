@@ -10,6 +10,7 @@ import torch
 from diffusers.models.transformers.latte_transformer_3d import LatteTransformer3DModel
 
 from dydit_scale.config import DynamicConfig
+from dydit_scale.dynamic.importance import PermutedSpan
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock, check_adaln_block, permute_adaln_block
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
 from dydit_scale.models.pixart import adaln_timestep_embedding
@@ -32,12 +33,15 @@ def convert_latte(model: LatteTransformer3DModel, config: DynamicConfig) -> DyLa
         for index, block in enumerate(getattr(model, attr)):
             check_adaln_block(block, config, f"{attr}.{index}")
     perms: dict[str, torch.Tensor] = {}
+    spans: list[PermutedSpan] = []
     for attr, kind in _STACKS:
         blocks = getattr(model, attr)
         for index, block in enumerate(blocks):
             where = f"{attr}.{index}"
-            perms.update(permute_adaln_block(block, config, where))
+            block_perms, block_spans = permute_adaln_block(block, config, where)
+            perms.update(block_perms)
+            spans += block_spans
             blocks[index] = DyAdaLNTransformerBlock(block, config, kind, where)
     model.__class__ = DyLatteTransformer3DModel
-    model.dydit_config, model.dydit_permutations = config, perms
+    model.dydit_config, model.dydit_permutations, model.dydit_spans = config, perms, spans
     return model

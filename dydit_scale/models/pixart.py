@@ -6,6 +6,7 @@ import torch
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from dydit_scale.config import DynamicConfig
+from dydit_scale.dynamic.importance import PermutedSpan
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock, check_adaln_block, permute_adaln_block
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
 
@@ -36,10 +37,13 @@ def convert_pixart(model: PixArtTransformer2DModel, config: DynamicConfig) -> Dy
     for index, block in enumerate(blocks):
         check_adaln_block(block, config, f"transformer_blocks.{index}")
     perms: dict[str, torch.Tensor] = {}
+    spans: list[PermutedSpan] = []
     for index, block in enumerate(blocks):
         where = f"transformer_blocks.{index}"
-        perms.update(permute_adaln_block(block, config, where))
+        block_perms, block_spans = permute_adaln_block(block, config, where)
+        perms.update(block_perms)
+        spans += block_spans
         blocks[index] = DyAdaLNTransformerBlock(block, config, "pixart", where)
     model.__class__ = DyPixArtTransformer2DModel
-    model.dydit_config, model.dydit_permutations = config, perms
+    model.dydit_config, model.dydit_permutations, model.dydit_spans = config, perms, spans
     return model
