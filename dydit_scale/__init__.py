@@ -20,6 +20,7 @@ _LAZY = {
     "RouterSchedule": "dydit_scale.dynamic.schedule",
     "export_schedule": "dydit_scale.infer.export",
     "apply_schedule": "dydit_scale.infer.fast",
+    "load_run": "dydit_scale.infer.runs",
 }
 
 __all__ = ["__version__", *_LAZY]

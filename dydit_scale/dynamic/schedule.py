@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,20 @@ class RouterSchedule:
         ids = [seen.setdefault(tuple(row), len(seen)) for row in self.masks[router].tolist()]
         table = torch.tensor(list(seen), dtype=torch.bool).reshape(len(seen), -1)
         return table, torch.tensor(ids, dtype=torch.int64)
+
+    def for_keys(self, time_keys: TimeKeys, token_shape: TokenShape) -> RouterSchedule:
+        """The same schedule restricted to `time_keys` (another step count or resolution whose keys it
+        holds, e.g. DDIM at half the steps), with FLOPs ratios at `token_shape`; ValueError naming the
+        keys it lacks."""
+        values = time_keys.values.double().tolist()
+        missing = [v for v in values if v not in self._index]
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(values)} time keys asked for are not in the schedule "
+                             f"(e.g. {missing[0]!r})")
+        steps = torch.tensor([self._index[v] for v in values], dtype=torch.int64)
+        masks = {name: mask[steps] for name, mask in self.masks.items()}
+        return dataclasses.replace(self, time_keys=time_keys, masks=masks, token_shape=token_shape,
+                                   flops_ratio=schedule_flops_ratio(self.layers, masks, token_shape))
 
     def step_index(self, timestep: torch.Tensor | float) -> int:
         """The step whose key equals `timestep` exactly; every sample of a batch must share it."""

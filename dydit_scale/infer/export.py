@@ -24,13 +24,21 @@ from dydit_scale.dynamic.schedule import (
 )
 from dydit_scale.infer.keys import sampler_time_keys, sampling_token_shape
 from dydit_scale.infer.plots import schedule_heatmap
-from dydit_scale.infer.runs import Consolidate, load_run
+from dydit_scale.infer.runs import TD_LORA_NOT_MERGEABLE, Consolidate, load_run, run_recipe, stock_class
 from dydit_scale.infer.runs import save_transformer as write_transformer
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
 from dydit_scale.models.flux import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
 
-__all__ = ["default_token_shape", "export_run", "export_schedule", "layer_table", "model_hashes", "timestep_routers"]
+__all__ = [
+    "default_token_shape",
+    "export_run",
+    "export_schedule",
+    "layer_table",
+    "model_hashes",
+    "ratio_warning",
+    "timestep_routers",
+]
 
 #: role in the layer table -> router attribute of a dynamic block
 ROLES = {"heads": "head_router", "cross_heads": "cross_head_router", "mlp": "mlp_router",
@@ -119,7 +127,7 @@ def export_schedule(model: nn.Module, time_keys: TimeKeys | torch.Tensor | list[
     shape = token_shape or default_token_shape(model)
     base_hash, checkpoint_hash = model_hashes(model)
     config = model.dydit_config
-    stock = next(cls for cls in type(model).__mro__ if cls.__module__.startswith("diffusers."))
+    stock = stock_class(model)
     return RouterSchedule(
         time_keys=keys, masks=masks, layers=layers, token_shape=shape,
         flops_ratio=schedule_flops_ratio(layers, masks, shape),
@@ -133,9 +141,12 @@ def export_schedule(model: nn.Module, time_keys: TimeKeys | torch.Tensor | list[
 
 def export_run(path: str | Path, out: str | Path, *, steps: int, resolution: tuple[int, int] | None = None,
                sampler: str | None = None, dtype: torch.dtype = torch.float32, save_transformer: bool = False,
-               consolidate: Consolidate | None = None) -> RouterSchedule:
+               max_shard_size: str | int = "10GB", consolidate: Consolidate | None = None) -> RouterSchedule:
     """`dydit-export`: a checkpoint (or a run's newest) → `out/schedule.{safetensors,json}` + `schedule.png`
-    (+ `out/transformer/` on request), for the time keys of `sampler` / `steps` / `resolution`."""
+    (+ `out/transformer/`, a stock diffusers folder in `dtype`, on request), for the time keys of `sampler` /
+    `steps` / `resolution`."""
+    if save_transformer and run_recipe(path)[0].lora.kind == "td_lora":
+        raise ValueError(f"--save-transformer: {TD_LORA_NOT_MERGEABLE}")
     run = load_run(path, consolidate=consolidate)
     recipe, family = run.recipe, run.recipe.model.family
     resolution = resolution or (recipe.data.resolution, recipe.data.resolution)
@@ -152,5 +163,17 @@ def export_run(path: str | Path, out: str | Path, *, steps: int, resolution: tup
     schedule.save(out)
     schedule_heatmap(schedule, Path(out) / "schedule.png")
     if save_transformer:
-        write_transformer(run.model, Path(out) / "transformer")
+        write_transformer(run.model, Path(out) / "transformer", dtype=dtype, max_shard_size=max_shard_size)
     return schedule
+
+
+def ratio_warning(schedule: RouterSchedule, tolerance: float = 0.03) -> str | None:
+    """A line when the schedule's mean FLOPs ratio misses the λ it was trained for by more than
+    `tolerance`: training keeps a unit with probability σ(z), the frozen schedule keeps it iff z > 0,
+    so routers whose logits still sit near 0 move the ratio when frozen."""
+    ratio, target = float(schedule.flops_ratio.mean()), schedule.target_flops_ratio
+    if target is None or abs(ratio - target) <= tolerance:
+        return None
+    return (f"the exported mean FLOPs ratio {ratio:.3f} misses the trained λ {target:.2f} by {ratio - target:+.3f} "
+            f"(more than {tolerance}); routers whose logits sit near 0 flip when frozen: train longer "
+            "(see keep/<router> in TensorBoard)")

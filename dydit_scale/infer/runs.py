@@ -1,4 +1,4 @@
-"""Rebuild a run's fine-tuned dynamic transformer from a checkpoint folder (architecture §2.9).
+"""Rebuild a run's fine-tuned dynamic transformer from a checkpoint folder.
 
 The model is rebuilt from `<run>/recipe.yaml` exactly as training built it (load → make dynamic, which
 permutes deterministically → adapters), then the step's weights are loaded:
@@ -16,20 +16,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
+from accelerate import init_empty_weights
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 from torch import nn
 
 from dydit_scale.config import Recipe, load_recipe
+from dydit_scale.dynamic.importance import reorder_state_dict
 from dydit_scale.infer.sliced import effective_linear
 from dydit_scale.io import load_tensors
 from dydit_scale.lora import load_lora_diffusers, load_td_lora
 from dydit_scale.lora.td_lora import TDLoRALinear
 from dydit_scale.models.build import build_dynamic_transformer
 
-__all__ = ["LoadedRun", "load_run", "resolve_checkpoint", "save_transformer"]
+__all__ = ["TD_LORA_NOT_MERGEABLE", "LoadedRun", "load_run", "resolve_checkpoint", "run_recipe", "save_transformer",
+           "stock_class"]
 
 MARKER = "dydit_state.json"
 ROUTERS_FILE = "routers.safetensors"
@@ -63,13 +64,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return steps[-1]
 
 
-def load_run(path: str | Path, *, consolidate: Consolidate | None = None) -> LoadedRun:
-    """The run's dynamic transformer with the step's weights, fp32, eval mode, no gradients."""
+def run_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """The recipe a run was trained with, and the step folder `path` resolves to."""
     step_folder = resolve_checkpoint(path)
     recipe_path = step_folder.parent.parent / "recipe.yaml"
     if not recipe_path.is_file():
         raise ValueError(f"{step_folder}: no recipe.yaml in its run folder {recipe_path.parent}")
-    recipe = load_recipe(recipe_path)
+    return load_recipe(recipe_path), step_folder
+
+
+def load_run(path: str | Path, *, consolidate: Consolidate | None = None) -> LoadedRun:
+    """The run's dynamic transformer with the step's weights, fp32, eval mode, no gradients."""
+    recipe, step_folder = run_recipe(path)
     model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora)
     if recipe.lora.kind == "none":
         if consolidate is None:
@@ -103,19 +109,27 @@ def _load_routers(model: nn.Module, path: Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def save_transformer(model: nn.Module, folder: str | Path) -> Path:
-    """Write the fine-tuned transformer as a diffusers folder of the stock class (config.json +
-    diffusion_pytorch_model.safetensors), loadable with `<Class>.from_pretrained`.
+#: one line for users who ask to merge a TD-LoRA run into a static transformer
+TD_LORA_NOT_MERGEABLE = ("a TD-LoRA update depends on the timestep and cannot be merged into one static transformer; "
+                         "sample it with dydit-sample (fast path) or load it in Python with dydit_scale.load_run(RUN)")
 
-    Weights stay in the permuted order (function-preserving at full width, §2.6); plain LoRA is
-    merged in; routers and TD-LoRA tensors (which depend on t and cannot be merged once) are left
-    out — they live in the checkpoint's adapter files.
+
+def stock_class(model: nn.Module) -> type:
+    """The diffusers class a dynamic (or fast) transformer was made from."""
+    return next(cls for cls in type(model).__mro__ if cls.__module__.startswith("diffusers."))
+
+
+def save_transformer(model: nn.Module, folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                     max_shard_size: str | int = "10GB") -> Path:
+    """Write the fine-tuned transformer with the stock class's own `save_pretrained` (sharded
+    safetensors + index, `dtype`), so `<Class>.from_pretrained` and every tool reading diffusers folders
+    load it.
+
+    Plain LoRA is merged in; heads and MLP channels go back to the base model's order (the full-width
+    function is unchanged, and a diff against the base model stays meaningful); routers are left out.
     """
     if any(isinstance(m, TDLoRALinear) for m in model.modules()):
-        raise ValueError("--save-transformer: a TD-LoRA run cannot be merged into one static transformer "
-                         "(its update depends on t); use the checkpoint with dydit-sample")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"--save-transformer: {TD_LORA_NOT_MERGEABLE}")
     state = {k: v for k, v in model.state_dict().items() if "router" not in k and "lora_" not in k}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -124,10 +138,9 @@ def save_transformer(model: nn.Module, folder: str | Path) -> Path:
             state[f"{name}.weight"] = weight
             if f"{name}.base_layer.bias" in state:
                 state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
-    stock = next(cls for cls in type(model).__mro__ if cls.__module__.startswith("diffusers."))
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    config.update({"_class_name": stock.__name__, "_diffusers_version": diffusers.__version__})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    return folder
+    state = reorder_state_dict(state, getattr(model, "dydit_spans", []), to_base=True)
+    with init_empty_weights():  # parameters only: buffers the config computes stay real
+        stock = stock_class(model).from_config(model.config)
+    stock.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in state.items()}, strict=True, assign=True)
+    stock.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    return Path(folder)

@@ -116,29 +116,48 @@ def test_bad_samples_are_skipped_counted_and_the_run_finishes(tmp_path, flux_dir
     assert skipped["decode_error"] == 2 and skipped["missing_caption"] == 1
 
 
-def test_zero3_lora_file_holds_the_gathered_weights_and_loads_in_the_pipeline(tmp_path, flux_dir, same_shards):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_file_in_the_stock_pipeline_computes_the_fine_tuned_model(tmp_path, flux_dir, same_shards, stage):
+    """Under ZeRO-3 the file holds the gathered weights, not empty partitions; under both stages it is in
+    the base model's order, so stock FluxPipeline + load_lora_weights == the fine-tuned model at full width."""
     import diffusers
-    from safetensors.torch import load_file
-
-    launch.train([*COMMON, f"model.path={flux_dir}", f"data.shards={same_shards}", "data.batch_size=2",
-                  "train.steps=2", "checkpoint.every_steps=2", "train.zero_stage=3", "lora.kind=lora",
-                  "lora.targets=[to_q, to_k, to_v, to_out.0]", "optim.lr=0.05",
-                  f"run.output_dir={tmp_path}", "run.name=z3lora"], ranks=2)
-    step = tmp_path / "z3lora" / "checkpoints" / "step-0000002"
-    weights = load_file(step / "pytorch_lora_weights.safetensors")
-    assert weights and all(t.numel() > 0 for t in weights.values())
-    lora_b = [t for k, t in weights.items() if "lora_B" in k]
-    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "lora_B still zero: the file holds empty partitions"
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from dydit_scale import full_width, load_run
+    from dydit_scale.dynamic.importance import reorder_state_dict
+
+    launch.train([*COMMON, f"model.path={flux_dir}", f"data.shards={same_shards}", "data.batch_size=2",
+                  "train.steps=2", "checkpoint.every_steps=2", f"train.zero_stage={stage}", "lora.kind=lora",
+                  "lora.targets=[to_q, to_k, to_v, to_out.0, proj_mlp, proj_out, ff.net.0.proj]", "optim.lr=0.05",
+                  f"run.output_dir={tmp_path}", "run.name=lora"], ranks=2)
+    step = tmp_path / "lora" / "checkpoints" / "step-0000002"
+    weights = load_file(step / "pytorch_lora_weights.safetensors")
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "lora_B still zero: the file holds empty partitions"
+    fine_tuned = load_run(step).model
+    moved = [k for k, p in fine_tuned.dydit_permutations.items() if not torch.equal(p, torch.arange(p.numel()))]
+    assert moved, "the test needs a permutation that is not the identity"
     gathered = get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name)
+    gathered = reorder_state_dict({k: v for k, v in gathered.items() if ".lora_" in k}, fine_tuned.dydit_spans,
+                                  to_base=True)
     for key, tensor in weights.items():
         name = key.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight").replace(
             ".lora_B.weight", ".lora_B.default.weight")
         assert torch.allclose(tensor.float(), gathered[name].float(), atol=1e-6), key
     pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
     pipe.load_lora_weights(step)
-    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.8]),
+                  img_ids=torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], dim=-1),
+                  txt_ids=torch.zeros(5, 3), guidance=torch.full((2,), 3.5))
+    with torch.no_grad(), full_width(fine_tuned):
+        expected = fine_tuned(**inputs).sample
+        actual = pipe.transformer(**inputs).sample
+        base = diffusers.FluxTransformer2DModel.from_pretrained(Path(flux_dir) / "transformer")(**inputs).sample
+    assert (expected - base).norm() / base.norm() > 1e-3, "the adapter should change the output"
+    assert (actual - expected).norm() / expected.norm() <= 1e-4
 
 
 def test_bf16_with_activation_checkpointing_trains_and_samples(tmp_path, flux_dir, same_shards):

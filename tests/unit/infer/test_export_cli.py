@@ -50,7 +50,7 @@ def _same_files(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_export_cli_writes_the_schedule_and_regenerates_it_exactly(tiny_runs, tiny_model_dir, tmp_path):
+def test_export_cli_writes_the_schedule_and_regenerates_it_exactly(tiny_runs, tiny_model_dir, tmp_path, capsys):
     run = tiny_runs["td_lora"]
     assert cli.export([str(run), str(tmp_path / "a"), "--steps", "3"]) == 0
     schedule = RouterSchedule.load(tmp_path / "a")
@@ -59,6 +59,8 @@ def test_export_cli_writes_the_schedule_and_regenerates_it_exactly(tiny_runs, ti
     assert schedule.source["step"] == 2 and schedule.source["lora"] == "td_lora"
     assert all(mask[:, 0].all() for mask in schedule.masks.values())
     assert Image.open(tmp_path / "a" / "schedule.png").size[0] > 300
+    ratio, target = float(schedule.flops_ratio.mean()), schedule.target_flops_ratio
+    assert ("warning: the exported mean FLOPs ratio" in capsys.readouterr().err) == (abs(ratio - target) > 0.03)
     step_folder = run / "checkpoints" / "step-0000002"
     assert cli.export([str(step_folder), str(tmp_path / "b"), "--steps", "3"]) == 0
     assert _same_files(tmp_path / "a", tmp_path / "b")
@@ -77,8 +79,34 @@ def test_sample_cli_writes_a_grid_and_a_compute_map(tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_finetuning_export_consolidates_zero_and_saves_a_diffusers_transformer(tiny_runs, tmp_path):
-    assert cli.export([str(tiny_runs["full"]), str(tmp_path), "--steps", "2", "--save-transformer"]) == 0
+def test_sample_steps_and_resolution_only_where_the_schedule_holds_their_keys(tiny_runs, tmp_path, capsys):
+    run = tiny_runs["td_lora"]
+    assert cli.export([str(run), str(tmp_path / "schedule"), "--steps", "4"]) == 0
+    common = [str(run), str(tmp_path / "out"), "--schedule", str(tmp_path / "schedule"), "--prompt", "a red circle",
+              "--seed", "0"]
+    assert cli.sample([*common, "--steps", "2", "--guidance", "2.0"]) == 0  # σ 1 and 0.5 are among 4 steps' keys
+    # the tiny pipeline's scheduler does not shift σ by resolution, so 64 px has the same keys
+    assert cli.sample([*common, "--resolution", "64"]) == 0
+    capsys.readouterr()
+    assert cli.sample([*common, "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "exported for 4 steps at 32x32" in err and "dydit-export --steps 3 --resolution 32x32" in err
+
+
+@pytest.mark.slow
+def test_td_lora_save_transformer_is_refused_before_any_work(tiny_runs, tmp_path, capsys):
+    assert cli.export([str(tiny_runs["td_lora"]), str(tmp_path / "out"), "--steps", "2", "--save-transformer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dydit-sample" in err and "dydit_scale.load_run" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_full_finetuning_export_consolidates_zero_and_saves_a_diffusers_transformer(tiny_runs, tmp_path, capsys):
+    argv = [str(tiny_runs["full"]), str(tmp_path), "--steps", "2", "--save-transformer", "--max-shard-size", "200KB"]
+    assert cli.export(argv) == 0
+    assert f"{tmp_path}/transformer: FluxTransformer2DModel.from_pretrained loads it" in capsys.readouterr().out
+    assert len(list((tmp_path / "transformer").glob("diffusion_pytorch_model-*.safetensors"))) > 1
     fine_tuned = RouterSchedule.load(tmp_path).base_model_hash
     assert cli.export([str(tiny_runs["td_lora"]), str(tmp_path / "lora"), "--steps", "2"]) == 0
     assert fine_tuned != RouterSchedule.load(tmp_path / "lora").base_model_hash  # weights were trained
