@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", help="input shard folders, brace patterns, globs or .tar files")
     parser.add_argument("out", help="output folder for the pre-encoded shards")
     parser.add_argument("--model", required=True, help="local diffusers pipeline folder (model_index.json)")
-    parser.add_argument("--kind", choices=("image_text", "video_text"), default="image_text")
+    parser.add_argument("--kind", choices=("image_text", "video_text"), default="image_text", help="as data.kind")
     parser.add_argument("--resolution", type=int, default=256, help="as data.resolution")
     parser.add_argument("--num-frames", type=int, default=16, help="video: as data.num_frames")
     parser.add_argument("--frame-stride", type=int, default=1, help="video: as data.frame_stride")

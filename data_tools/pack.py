@@ -2,10 +2,12 @@
 
 SRC is either a folder (every image/video under it, captions from the `.txt` beside each file and
 metadata from an optional `.json`), or a manifest with a `path` and a `caption` column/field (paths
-relative to the manifest; other columns go into the sample's `.json`). Shards are written by
-`webdataset.ShardWriter` as `OUT/shard-%06d.tar.partial` and renamed when complete, so a shard
-file is always whole. `pack_progress.json` records, per finished shard, the next input item: a rerun
-after an interruption continues from there instead of starting over or duplicating samples.
+relative to the manifest; other columns go into the sample's `.json`). Items without a caption and
+images the loader could not decode are left out, each named on stderr and counted in the summary.
+Shards are written by `webdataset.ShardWriter` as `OUT/shard-%06d.tar.partial` and renamed when
+complete, so a shard file is always whole. While packing, `pack_progress.json` records, per finished
+shard, the next input item: a rerun after an interruption continues from there instead of starting
+over or duplicating samples. It is removed once everything is packed.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dydit_scale.io import atomic_write_json
 from dydit_scale.data.format import (
-    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_sizes, shard_pattern,
+    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_image, read_sizes, shard_pattern,
     write_sizes,
 )
 
@@ -53,13 +56,45 @@ def _media_kind(path: str) -> str | None:
     return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
 
 
+def _read_caption(path: Path) -> str | None:
+    """The caption in the `.txt` beside a media file; None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exn:
+        raise DataFormatError(f"{path}: expected a UTF-8 caption, got undecodable bytes at {exn.start}") from exn
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The metadata in the optional `.json` beside a media file."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise DataFormatError(f"{path}: expected a JSON object of metadata ({exn})") from exn
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{path}: expected a JSON object of metadata, got {type(meta).__name__}")
+    return meta
+
+
 def _from_folder(src: Path) -> list[Entry]:
     entries = []
     for path in sorted(p for p in src.rglob("*") if p.is_file() and _media_kind(p.name)):
-        txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
-        entries.append(Entry(str(path), caption, json.loads(meta.read_text()) if meta.is_file() else {}))
+        entries.append(Entry(str(path), _read_caption(path.with_suffix(".txt")), _read_meta(path.with_suffix(".json"))))
     return entries
+
+
+def _manifest_line(src: Path, n: int, line: str) -> dict[str, Any]:
+    """One JSONL manifest row as a dict."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exn:
+        raise DataFormatError(f"{src}: line {n}: expected a JSON object ({exn})") from exn
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{src}: line {n}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _from_manifest(src: Path) -> list[Entry]:
@@ -67,11 +102,13 @@ def _from_manifest(src: Path) -> list[Entry]:
         with open(src, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [_manifest_line(src, n, line) for n, line in
+                enumerate(src.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
     entries = []
     for n, row in enumerate(rows, start=1):
         if "path" not in row:
-            raise DataFormatError(f"{src}: row {n}: expected a 'path' column/field, got {sorted(row)}")
+            got = ", ".join(sorted(row)) or "none"
+            raise DataFormatError(f"{src}: row {n}: expected a 'path' column/field, got {got}")
         path = row.pop("path")
         caption = row.pop("caption", None)
         entries.append(Entry(str(src.parent / path), caption.strip() if caption else None, row))
@@ -86,15 +123,15 @@ def list_entries(src: str, kind: str) -> list[Entry]:
     elif path.suffix in (".csv", ".jsonl") and path.is_file():
         entries = _from_manifest(path)
     else:
-        raise DataFormatError(f"pack: SRC {src!r}: expected a folder or a .csv/.jsonl manifest")
+        raise DataFormatError(f"{src}: expected a folder or a .csv/.jsonl manifest")
     kinds = {_media_kind(e.path) for e in entries}
     if kind == "auto" and len(kinds) > 1:
-        raise DataFormatError(f"pack: {src} holds both images and videos; pass --kind image or --kind video")
+        raise DataFormatError(f"{src} holds both images and videos; pass --kind image or --kind video")
     if kind != "auto":
         entries = [e for e in entries if _media_kind(e.path) == kind]
     unknown = [e.path for e in entries if _media_kind(e.path) is None]
     if unknown:
-        raise DataFormatError(f"pack: {unknown[0]}: expected .{'|.'.join(IMAGE_EXTS + VIDEO_EXTS)}")
+        raise DataFormatError(f"{unknown[0]}: expected .{'|.'.join(IMAGE_EXTS + VIDEO_EXTS)}")
     return entries
 
 
@@ -110,20 +147,50 @@ def _load_progress(out: Path, fingerprint: str) -> dict[str, Any]:
     if path.is_file():
         progress = json.loads(path.read_text())
         if progress.get("fingerprint") != fingerprint:
-            raise DataFormatError(f"pack: {out} holds shards packed from other input or options; "
+            raise DataFormatError(f"{out} holds shards packed from other input or options; "
                                   "pack into an empty folder (or delete it)")
         return progress
     if any(out.glob("*.tar")) or (out / SIZES_FILE).is_file():
-        raise DataFormatError(f"pack: {out} already holds shards not written by pack; use an empty folder")
+        raise DataFormatError(f"{out} already holds shards (a finished pack or other shards); "
+                              "pack into an empty folder")
     return {"fingerprint": fingerprint, "shards": {}}
 
 
-def _sample(index: int, entry: Entry) -> dict[str, Any]:
+def _read_media(entry: Entry) -> bytes:
+    """The media file's bytes; an unreadable file is an error naming it."""
+    try:
+        return Path(entry.path).read_bytes()
+    except OSError as exn:
+        raise DataFormatError(f"{entry.path}: cannot read it ({exn.strerror or exn})") from exn
+
+
+def _image_problem(data: bytes) -> str | None:
+    """Why the training loader could not decode this image (the same decoder), or None when it can."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        read_image(data)
+    except DataFormatError as exn:
+        if isinstance(exn.__cause__, UnidentifiedImageError):
+            return "not an image format PIL can read"
+        return str(exn.__cause__ or exn)
+    return None
+
+
+def _sample(index: int, entry: Entry, data: bytes) -> dict[str, Any]:
     ext = entry.path.rsplit(".", 1)[-1].lower()
-    sample = {"__key__": f"{index:09d}", {"jpeg": "jpg"}.get(ext, ext): Path(entry.path).read_bytes(),
-              "txt": entry.caption.encode("utf-8")}
+    sample = {"__key__": f"{index:09d}", {"jpeg": "jpg"}.get(ext, ext): data, "txt": entry.caption.encode("utf-8")}
     sample["json"] = json.dumps({"source": entry.path, **entry.meta}).encode("utf-8")
     return sample
+
+
+def _media_or_reason(entry: Entry) -> tuple[bytes | None, str, str]:
+    """(the bytes to pack, "", "") or (None, summary group, reason) for an item left out."""
+    if not entry.caption:
+        return None, "without a caption", "no caption (a .txt beside it, or a 'caption' field)"
+    data = _read_media(entry)
+    problem = _image_problem(data) if _media_kind(entry.path) == "image" else None
+    return (None, "with an undecodable image", f"undecodable image: {problem}") if problem else (data, "", "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +234,7 @@ def _pack(args: argparse.Namespace) -> int:
         atomic_write_json(out / PROGRESS_FILE, progress)
         state["samples"] = 0
 
-    no_caption = 0
+    left_out: Counter[str] = Counter()
     todo = entries[start_item:]
     if todo:
         writer = wds.ShardWriter(shard_pattern(out, args.prefix), maxcount=args.max_count, maxsize=args.max_size,
@@ -175,18 +242,21 @@ def _pack(args: argparse.Namespace) -> int:
         with writer, tqdm(total=len(entries), initial=start_item, unit="sample", desc="pack") as bar:
             try:
                 for index, entry in enumerate(todo, start=start_item):
-                    if entry.caption:
-                        writer.write(_sample(index, entry))
-                        state["samples"] += 1
+                    data, group, reason = _media_or_reason(entry)
+                    if data is None:
+                        bar.write(f"dydit-data pack: {entry.path}: {reason}; left out", file=sys.stderr)
+                        left_out[group] += 1
                     else:
-                        no_caption += 1
+                        writer.write(_sample(index, entry, data))
+                        state["samples"] += 1
                     state["next_item"] = index + 1
                     bar.update(1)
             except BaseException:
                 state["interrupted"] = True
                 raise
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
     total = sum(read_sizes(out).values())
     print(f"pack: {out}: {len(done)} shard(s), {total} sample(s)"
           + (f"; resumed at item {start_item}" if start_item else "")
-          + (f"; {no_caption} item(s) without a caption left out" if no_caption else ""))
+          + "".join(f"; {n} item(s) {why} left out" for why, n in left_out.items()))
     return 0

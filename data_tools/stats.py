@@ -114,12 +114,35 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"total": total, "shards": shards}, indent=1))
         return 0
-    print(f"{'shard':<24} {'samples':>8} {'MB':>8} {'width':>16} {'height':>16} {'frames':>12} {'words':>12}")
-    for path, s in shards.items():
-        def rng(name: str) -> str:
-            return f"{s[name]['min']:g}-{s[name]['max']:g}" if s.get(name) else "-"
-        mb = s.get("bytes", {}).get("mean", 0) * s["samples"] / 1e6
-        print(f"{os.path.basename(path):<24} {s['samples']:>8} {mb:>8.1f} {rng('width'):>16} {rng('height'):>16} "
-              f"{rng('frames'):>12} {rng('caption_words'):>12}" + ("  CORRUPT" if s["corrupt"] else ""))
-    print(f"{'total':<24} {total['samples']:>8} {total['bytes'] / 1e6:>8.1f}  kinds: {total['kinds']}")
+    print("\n".join(_table(shards, total)))
     return 0
+
+
+def _span(stats: dict[str, Any], name: str) -> str:
+    """`min-max` of one distribution (a single number when they agree), `-` when there is none."""
+    if not stats.get(name):
+        return "-"
+    low, high = stats[name]["min"], stats[name]["max"]
+    return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+
+
+def _kinds(kinds: dict[str, int]) -> str:
+    """`7 image, 2 without media`: sample counts by kind, in words."""
+    words = {"no_media": "without media"}
+    return ", ".join(f"{count} {words.get(kind, kind)}" for kind, count in sorted(kinds.items())) or "none"
+
+
+def _table(shards: dict[str, dict[str, Any]], total: dict[str, Any]) -> list[str]:
+    """Aligned lines: one per shard, then the total; ranges are min-max over the shard's samples."""
+    names = [os.path.basename(path) for path in shards]
+    width = max([len("shard"), len("total"), *map(len, names)])
+    lines = [f"{'shard':<{width}} {'samples':>8} {'MB':>8} {'width px':>11} {'height px':>11} {'frames':>9} "
+             f"{'caption words':>13}  kinds"]
+    for name, s in zip(names, shards.values()):
+        mb = s.get("bytes", {}).get("mean", 0) * s["samples"] / 1e6
+        lines.append(f"{name:<{width}} {s['samples']:>8} {mb:>8.1f} {_span(s, 'width'):>11} {_span(s, 'height'):>11} "
+                     f"{_span(s, 'frames'):>9} {_span(s, 'caption_words'):>13}  {_kinds(s['kinds'])}"
+                     + ("  (corrupt tar: read up to the damage)" if s["corrupt"] else ""))
+    lines.append(f"{'total':<{width}} {total['samples']:>8} {total['bytes'] / 1e6:>8.1f} {'':>11} {'':>11} {'':>9} "
+                 f"{'':>13}  {_kinds(total['kinds'])}")
+    return lines

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_fields", "DynamicConfig"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_fields", "recipe_choices", "split_overrides",
+           "DynamicConfig"]
 
 
 class RecipeError(ValueError):
@@ -43,7 +44,7 @@ class ModelConfig(_Section):
     family: Literal["flux", "pixart", "latte"] = "flux"
     """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video)."""
     path: str
-    """Required. Local diffusers folder: a whole pipeline (model_index.json) or a transformer folder. Never downloaded."""
+    """Required. Local diffusers folder: a whole pipeline (model_index.json); export and sampling also take a transformer folder (config.json). Never downloaded."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Training precision of the transformer (routers, FLOPs ratio and losses stay fp32)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -51,45 +52,45 @@ class ModelConfig(_Section):
 
 
 class DynamicConfig(_Section):
-    """The `dynamic:` section: how the transformer is made dynamic (TDW + SDT, method spec §2-§6)."""
+    """The `dynamic:` section: how the transformer is made dynamic (timestep-wise dynamic width + spatial-wise dynamic tokens)."""
 
     target_flops_ratio: float = Field(0.7, gt=0.0, le=1.0)
     """λ in Eq. (6): the FLOPs budget, as a fraction of the static model's attention+MLP MACs."""
     heads: bool = True
-    """TDW over attention heads (Timestep-wise Dynamic Width, §2)."""
+    """TDW over attention heads (Timestep-wise Dynamic Width)."""
     mlp_groups: int | None = Field(None, ge=1)
     """TDW channel groups per MLP; unset = one group per attention head (the paper's G = H)."""
     tokens: bool = True
-    """SDT: a token router before each MLP lets easy patches skip it (Spatial-wise Dynamic Token, §3)."""
+    """SDT: a token router before each MLP lets easy patches skip it (Spatial-wise Dynamic Token)."""
     tau: float = Field(5.0, gt=0.0)
-    """Gumbel-sigmoid temperature τ; only scales the straight-through gradient (§2.3)."""
+    """Gumbel-sigmoid temperature τ; only scales the straight-through gradient."""
     head_router_bias: float = 15.0
     """Initial bias of head and channel-group routers; σ(15)≈1 starts from the full network."""
     token_router_bias: float = 35.0
     """Initial output bias of DiT-style token routers (PixArt, Latte)."""
     flux_token_router_bias: float = 35.0
-    """Initial output bias of DyFLUX token routers (§3.4). The official 5 drops ~0.7 % of a fresh model's tokens in training (noise is bounded by 16.6), so we start from the full network like the DiT routers."""
+    """Initial output bias of DyFLUX token routers. The official 5 drops ~0.7 % of a fresh model's tokens in training (noise is bounded by 16.6), so we start from the full network like the DiT routers."""
     cross_attention: bool = False
-    """PixArt/Latte: make cross-attention heads dynamic too (static by default, spec §10)."""
+    """PixArt/Latte: make cross-attention heads dynamic too (static by default)."""
     text_mlp: bool = False
-    """FLUX: make the text-stream FFN width-dynamic too (static by default, spec §9.2)."""
+    """FLUX: make the text-stream FFN width-dynamic too (static by default)."""
     importance_norm: Literal["l1", "l2"] = "l1"
-    """Norm of the magnitude criterion used to rank heads and MLP channels before fine-tuning (§2.6)."""
+    """Norm of the magnitude criterion used to rank heads and MLP channels before fine-tuning."""
     flops_loss_weight: float = Field(2.0, ge=0.0)
     """w in w·(mean_b r_b − λ_eff)² (the official code uses 2, the paper 1)."""
     target_warmup_steps: int = Field(1000, ge=0)
-    """K: λ_eff falls linearly from 1 to λ over K steps (§6.2)."""
+    """K: λ_eff falls linearly from 1 to λ over K steps."""
     target_hold_steps: int = Field(100, ge=0)
     """Steps at λ_eff = 1 before the linear warm-up starts."""
     complete_warmup_steps: int = Field(0, ge=0)
-    """Steps that add the complete-model loss term (same weights, every router bypassed, §6.4)."""
+    """Steps that add the complete-model loss term (same weights, every router bypassed)."""
     router_lr_scale: float = Field(1.0, gt=0.0)
     """Learning-rate multiplier of router parameters relative to optim.lr."""
 
 
 class LoraConfig(_Section):
     kind: Literal["none", "lora", "td_lora"] = "td_lora"
-    """none = full fine-tuning | lora = plain LoRA (peft) | td_lora = timestep-gated LoRA experts (§12)."""
+    """none = full fine-tuning | lora = plain LoRA (peft) | td_lora = timestep-gated LoRA experts."""
     rank: int = Field(8, ge=1)
     """LoRA rank; for td_lora the total rank over all experts (each expert has rank/groups)."""
     alpha: float = Field(8.0, gt=0.0)
@@ -199,6 +200,8 @@ class LogConfig(_Section):
     """Sample-grid cadence; unset = validation.every_steps."""
     sample_ledger: bool = False
     """Record every consumed sample key per step and rank in `ledger/rank-R.jsonl` (proves no repeats or gaps across resumes)."""
+    verbose: bool = False
+    """Show third-party console noise too (torchvision probes, diffusers' experimental-API notes, every caption truncation, DeepSpeed INFO)."""
 
 
 class ValidationConfig(_Section):
@@ -217,7 +220,7 @@ class ValidationConfig(_Section):
 
 
 class Recipe(_Section):
-    """A complete run description (architecture §2.6)."""
+    """A complete run description."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     """Run identity and output folder."""
@@ -247,13 +250,19 @@ class Recipe(_Section):
                 f"data.kind {self.data.kind!r} does not fit model.family {self.model.family!r}: "
                 "video_text goes with latte, image_text with flux or pixart"
             )
+        if self.train.timestep_weighting != "none" and self.model.family != "flux":
+            raise ValueError(
+                f"train.timestep_weighting {self.train.timestep_weighting!r} applies to flow matching (flux) only; "
+                f"use none for model.family {self.model.family!r}"
+            )
         if len(self.validation.seeds) < 1 or len(self.validation.prompts) < 1:
             raise ValueError("validation.prompts and validation.seeds: expected at least one each")
         return self
 
 
 def recipe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """Every leaf field as (dotted name, docstring, default), for `dydit-validate --explain`."""
+    """Every leaf field as (dotted name, docstring, default), for `dydit-validate --explain`; the
+    default of a required field is `...`."""
     rows = []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
@@ -261,13 +270,31 @@ def recipe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             rows.extend(recipe_fields(sub, dotted + "."))
         else:
-            default = field.get_default(call_default_factory=True)
+            default = ... if field.is_required() else field.get_default(call_default_factory=True)
             rows.append((dotted, field.description or "", default))
     return rows
 
 
+def recipe_choices(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    """The allowed values of every enumerated (Literal) leaf field, by dotted name."""
+    choices: dict[str, tuple[Any, ...]] = {}
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            choices.update(recipe_choices(sub, f"{prefix}{name}."))
+        elif get_origin(sub) is Literal:
+            choices[f"{prefix}{name}"] = get_args(sub)
+    return choices
+
+
 def _known_keys() -> list[str]:
     return [name for name, _, _ in recipe_fields()] + list(Recipe.model_fields)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line positionals as (recipe files, overrides): every console script takes `a.b=c`
+    overrides both as positionals and after `--set`, so an argument holding `=` is an override."""
+    return [a for a in args if "=" not in a], [a for a in args if "=" in a]
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -6,11 +6,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch loads on first tensor I/O, so shard and recipe checks stay light
+    import torch
 
 
 class UnreadableFileError(ValueError):
@@ -66,6 +67,8 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically save tensors as safetensors (contiguous CPU copies)."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     fd, tmp = _temp_beside(path)
     os.close(fd)
@@ -98,4 +101,6 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def load_torch(path: str | Path) -> Any:
     """`torch.load` with `weights_only=True`: tensors and plain containers only, never pickled code."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)

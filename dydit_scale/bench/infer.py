@@ -6,7 +6,7 @@ schedule keeps about half of the heads and MLP groups with scattered, t-dependen
 The paths alternate at every step in rotating order, after an untimed warm-up pass. Reported per
 path: s/step (best round, which damps a shared machine's noise; the median round too), the analytic
 FLOPs ratio of `flops_ratio`, speed-up over the stock model, and efficiency = speed-up ÷ (1 / FLOPs
-ratio): 1.0 means the FLOPs saved turn fully into time saved.
+ratio): 1.0 means the FLOPs saved turn fully into time saved. The goal is a fast-path efficiency ≥ 0.90.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dydit_scale.bench.goals import Goal, goal_checks
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.dynamic.routers import TimestepRouter, TokenRouter
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared machine)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model and inputs")
 
 
 def _models(preset: str, seed: int) -> tuple[nn.Module, nn.Module]:
@@ -154,7 +155,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                          efficiency_median=statistics.median(times["static"]) / statistics.median(times[name]) * ratio))
     return dict(rows=rows, preset=args.preset, family=family, steps=args.steps, batch=args.batch,
                 repeats=args.repeats, threads=args.threads, clock=args.clock, device="cpu",
-                max_abs_diff_fast_vs_masked=float((outputs["fast"] - outputs["masked"]).abs().max()))
+                max_abs_diff_fast_vs_masked=float((outputs["fast"] - outputs["masked"]).abs().max()),
+                goal_checks=goal_checks({"fast_efficiency": efficiency_goal(rows)}))
+
+
+def efficiency_goal(rows: list[dict[str, Any]]) -> Goal:
+    """The fast path turns at least 90 % of the FLOPs it saves into time saved."""
+    return Goal(next(row["efficiency"] for row in rows if row["path"] == "fast"), ">=", 0.90, "0.90")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,4 +177,6 @@ def run(args: argparse.Namespace) -> int:
               f"{row['flops_ratio']:>13.3f}{row['speedup']:>10.2f}{row['efficiency']:>12.2f}"
               f"{row['efficiency_median']:>10.2f}")
     print(f"max |fast - masked| = {result['max_abs_diff_fast_vs_masked']:.2e}")
+    goal = efficiency_goal(result["rows"])
+    print(f"fast-path efficiency {goal.value:.2f}: {goal.mark()}")
     return 0

@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dydit_scale.config import DataConfig
 from dydit_scale.data.format import SKIP_REASONS, DataFormatError, expand_shard_spec, sample_kind
 from dydit_scale.data.image_text import Item, aspect_buckets, transform_image, transform_latent
-from dydit_scale.data.shards import batches_per_epoch, check_enough_shards, plan_for, resolve_sizes, worker_quota
+from dydit_scale.data.shards import (
+    batches_per_epoch, check_enough_samples, check_enough_shards, plan_for, resolve_sizes, worker_quota,
+)
 from dydit_scale.data.stream import Cursor, WorkerStream
 from dydit_scale.data.video_text import transform_video
 
@@ -233,12 +235,7 @@ def build_loader(
     urls = expand_shard_spec(spec, where=where)
     check_enough_shards(len(urls), world_size=world_size, num_workers=max(1, cfg.workers), where=where)
     sizes = resolve_sizes(urls)
-    if sum(sizes) < world_size * cfg.batch_size:
-        raise DataFormatError(
-            f"{where}: {len(urls)} shard(s) hold {sum(sizes)} sample(s), fewer than one batch of "
-            f"data.batch_size {cfg.batch_size} x {world_size} rank(s); every batch would repeat samples "
-            "(lower data.batch_size or add data)"
-        )
+    check_enough_samples(sum(sizes), num_shards=len(urls), world_size=world_size, batch_size=cfg.batch_size, where=where)
     dataset = _EpochDataset(
         urls, sizes, cfg=cfg, seed=seed, rank=rank, world_size=world_size,
         shuffle=split == "train", min_side=cfg.resolution // 2 if min_side is None else min_side,

@@ -25,7 +25,7 @@ from dydit_scale.data.format import DataFormatError, shard_sizes
 
 __all__ = [
     "WorkerPlan", "epoch_order", "split_by_node", "split_by_worker", "batches_per_epoch",
-    "worker_quota", "count_samples", "resolve_sizes",
+    "worker_quota", "count_samples", "resolve_sizes", "check_enough_shards", "check_enough_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,4 +151,14 @@ def check_enough_shards(num_shards: int, *, world_size: int, num_workers: int, w
             f"{where}: {num_shards} shard(s) cannot feed {world_size} rank(s) x {num_workers} worker(s); "
             f"need at least {world_size * num_workers} (repack with a smaller `dydit-data pack "
             "--max-count`, or lower data.workers)"
+        )
+
+
+def check_enough_samples(total: int, *, num_shards: int, world_size: int, batch_size: int, where: str) -> None:
+    """One global batch must fit in the data, or every batch would repeat samples."""
+    if total < world_size * batch_size:
+        raise DataFormatError(
+            f"{where}: {num_shards} shard(s) hold {total} sample(s), fewer than one batch of "
+            f"data.batch_size {batch_size} x {world_size} rank(s); every batch would repeat samples "
+            "(lower data.batch_size or add data)"
         )

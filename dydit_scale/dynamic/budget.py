@@ -13,6 +13,23 @@ from torch import Tensor
 __all__ = ["flops_loss", "target_ratio_at"]
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all-reduce (SUM) whose backward all-reduces the upstream gradient (what the deprecated
+    `torch.distributed.nn.functional.all_reduce` does, without its per-call deprecation warning)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grad
+
+
 def _batch_mean(ratio: Tensor, global_mean: bool) -> Tensor:
     """fp32 mean of `ratio` over the local or, with a process group, the global batch.
 
@@ -24,9 +41,7 @@ def _batch_mean(ratio: Tensor, global_mean: bool) -> Tensor:
     r = ratio.float().reshape(-1)
     stats = torch.stack([r.sum(), r.new_tensor(float(r.numel()))])
     if global_mean and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.distributed.nn.functional import all_reduce
-
-        stats = all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+        stats = _SumOverRanks.apply(stats)
     return stats[0] / stats[1]
 
 

@@ -1,5 +1,5 @@
 """`dydit-sample`: images or videos from a checkpoint through the stock diffusers pipeline running the
-fast dynamic transformer (method spec §7.4), with a sample grid and a per-patch compute map.
+fast dynamic transformer, with a sample grid and a per-patch compute map.
 
 The pipeline's scheduler is rebuilt from the schedule's sampler record (class, config, steps,
 resolution), so the pipeline passes exactly the schedule's time keys.
@@ -17,8 +17,8 @@ import torch
 
 from dydit_scale.dynamic.schedule import RouterSchedule
 from dydit_scale.infer.fast import apply_schedule
-from dydit_scale.infer.keys import build_scheduler
-from dydit_scale.infer.plots import compute_map, image_grid, save_mp4, save_png
+from dydit_scale.infer.keys import build_scheduler, sampler_time_keys, sampling_token_shape
+from dydit_scale.infer.plots import compute_map, labelled_grid, save_mp4, save_png
 from dydit_scale.infer.runs import Consolidate, load_run
 from dydit_scale.models.loading import load_pipeline
 
@@ -50,46 +50,77 @@ def _pipeline_kwargs(family: str, recipe: Any, sampler: dict[str, Any], guidance
 
 
 def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, prompts: list[str] | None = None,
-               seeds: list[int] | None = None, guidance: float | None = None, low_memory: bool = False,
+               seeds: list[int] | None = None, guidance: float | None = None, steps: int | None = None,
+               resolution: tuple[int, int] | None = None, low_memory: bool = False,
                consolidate: Consolidate | None = None) -> SampleOutputs:
     """Sample every prompt × seed with the checkpoint's fast model; write PNG grids (+ mp4s) into `out`.
 
-    Prompts, seeds and guidance default to the run recipe's `validation:` section.
+    Prompts, seeds and guidance default to the run recipe's `validation:` section; steps and
+    resolution to the schedule's, and other values only where the schedule holds their time keys.
     """
     schedule = RouterSchedule.load(schedule_dir)
-    sampler = schedule.time_keys.sampler
-    if not sampler:
+    if not schedule.time_keys.sampler:
         raise ValueError(f"{schedule_dir}: the schedule has no sampler record; export it with dydit-export")
     run = load_run(path, consolidate=consolidate)
     recipe, family = run.recipe, run.recipe.model.family
+    if steps is not None or resolution is not None:
+        schedule = _restricted(schedule, Path(schedule_dir), recipe, run.model.config, steps, resolution)
+    sampler = schedule.time_keys.sampler
     model = apply_schedule(run.model, schedule, low_memory=low_memory, attention=recipe.model.attention)
     dtype = _DTYPES[sampler.get("dtype", "float32")]
     pipe = load_pipeline(recipe.model.path, transformer=model if dtype == torch.float32 else model.to(dtype),
                          dtype=dtype)
     pipe.scheduler = build_scheduler(sampler)
-    pipe.set_progress_bar_config(disable=True)
     kwargs = _pipeline_kwargs(family, recipe, sampler, recipe.validation.guidance_scale if guidance is None else guidance)
     seeds, prompts = seeds or recipe.validation.seeds, prompts or recipe.validation.prompts
     outputs, first_log = [], None
     for seed in seeds:
         for prompt in prompts:
+            done = len(outputs)
+            pipe.set_progress_bar_config(desc=f"sample {done + 1}/{len(seeds) * len(prompts)} (seed {seed})",
+                                         leave=False)
             model.dydit_fast.token_log = []
             result = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
             outputs.append(np.asarray(result.frames[0] if family == "latte" else result.images[0], dtype=np.float32))
             first_log = first_log if first_log is not None else model.dydit_fast.token_log
     model.dydit_fast.token_log = None
-    return _write(Path(out), family, outputs, len(seeds), schedule, first_log)
+    return _write(Path(out), family, outputs, prompts, seeds, schedule, first_log)
 
 
-def _write(out: Path, family: str, outputs: list[np.ndarray], rows: int, schedule: RouterSchedule,
-           token_log: list[torch.Tensor | None]) -> SampleOutputs:
+def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any, steps: int | None,
+                resolution: tuple[int, int] | None) -> RouterSchedule:
+    """The schedule at another step count or resolution, when it holds every key the sampler passes."""
+    sampler = schedule.time_keys.sampler
+    steps = steps or sampler["steps"]
+    resolution = resolution or tuple(sampler["resolution"])
+    pipeline = Path(recipe.model.path)
+    pipeline = pipeline if (pipeline / "model_index.json").is_file() else None
+    keys = sampler_time_keys(recipe.model.family, steps=steps, resolution=resolution, sampler=sampler["name"],
+                             pipeline=pipeline, dtype=_DTYPES[sampler.get("dtype", "float32")])
+    shape = sampling_token_shape(recipe.model.family, config, resolution=resolution,
+                                 text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames,
+                                 pipeline=pipeline)
+    try:
+        return schedule.for_keys(keys, shape)
+    except ValueError as err:
+        asked = f"{steps} steps at {resolution[0]}x{resolution[1]}"
+        made = f"{sampler['steps']} steps at {sampler['resolution'][0]}x{sampler['resolution'][1]}"
+        raise ValueError(f"{where}: exported for {made}; {asked}: {err}; export a schedule for them with "
+                         f"dydit-export --steps {steps} --resolution {resolution[0]}x{resolution[1]}") from None
+
+
+def _write(out: Path, family: str, outputs: list[np.ndarray], prompts: list[str], seeds: list[int],
+           schedule: RouterSchedule, token_log: list[torch.Tensor | None]) -> SampleOutputs:
     videos: list[Path] = []
-    if family == "latte":  # one row of frames per video
+    if family == "latte":  # one row of frames per video, in sampling order (seed-major)
         for index, frames in enumerate(outputs):
             videos.append(save_mp4((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), out / f"sample-{index}.mp4"))
-        grid = save_png(image_grid(np.concatenate(outputs), rows=len(outputs)), out / "frames.png")
+        rows = [f"seed {seed}: {prompt}" for seed in seeds for prompt in prompts]
+        columns = [f"frame {index}" for index in range(len(outputs[0]))]
+        grid = save_png(labelled_grid(np.concatenate(outputs), columns, rows), out / "frames.png")
     else:
-        grid = save_png(image_grid(np.stack(outputs), rows=rows), out / "samples.png")
+        grid = save_png(labelled_grid(np.stack(outputs), list(prompts), [f"seed {seed}" for seed in seeds]),
+                        out / "samples.png")
     counts = np.stack([step[-1].numpy() for step in token_log])  # last row: the conditional CFG half
     height, width = schedule.time_keys.sampler["resolution"]
     tokens = schedule.token_shape.image_tokens

@@ -22,15 +22,22 @@ def dynamic_blocks(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and hasattr(module, "last_macs")]
 
 
+def attention_problem(kind: str) -> str | None:
+    """Why `model.attention: kind` cannot run on this machine (None if it can); shared with start-up checks."""
+    if kind == "xformers" and (not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None):
+        return "model.attention: xformers needs CUDA and the xformers package (pip install '.[gpu]'); use sdpa here"
+    return None
+
+
 def set_attention_backend(model: nn.Module, kind: str) -> None:
     """`model.attention`: sdpa (torch SDPA, everywhere) | xformers (CUDA + the [gpu] extra only).
 
     Never a silent fallback: asking for xformers where it cannot run is an error.
     """
     if kind == "xformers":
-        if not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
-            raise ValueError("model.attention: xformers needs CUDA and the xformers package "
-                             "(pip install '.[gpu]'); use sdpa here")
+        problem = attention_problem(kind)
+        if problem is not None:
+            raise ValueError(problem)
         model.set_attention_backend("xformers")
     else:
         model.set_attention_backend("native")

@@ -10,8 +10,10 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads with the weights, so folder checks stay cheap
+    import torch
 
 #: family -> (diffusers transformer class, diffusers pipeline class)
 FAMILY_CLASSES: dict[str, tuple[str, str]] = {
@@ -43,41 +45,64 @@ def transformer_folder(path: str | Path) -> Path:
     return path
 
 
-def detect_family(path: str | Path) -> str:
-    """The family (`flux`, `pixart`, `latte`) of the transformer stored under `path`."""
+def detect_family(path: str | Path, expected: str | None = None) -> str:
+    """The family (`flux`, `pixart`, `latte`) of the transformer stored under `path`; it must be
+    `expected` when given."""
     folder = transformer_folder(path)
     try:
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{folder / 'config.json'}: not valid JSON ({exc.msg})") from None
-    for family, (cls, _) in FAMILY_CLASSES.items():
-        if class_name == cls:
-            return family
-    raise ModelFolderError(f"{folder}: transformer class {class_name!r} is not supported; expected one of {_SUPPORTED}")
+    found = next((family for family, (cls, _) in FAMILY_CLASSES.items() if class_name == cls), None)
+    if found is None:
+        raise ModelFolderError(f"{folder}: transformer class {class_name!r} is not supported; expected one of {_SUPPORTED}")
+    if expected is not None and found != expected:
+        raise ModelFolderError(f"{path}: holds a {found} transformer, but model.family is {expected!r}")
+    return found
 
 
-def load_transformer(path: str | Path, family: str | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load the diffusers transformer under `path` offline; check it is of `family` when given."""
+def pipeline_folder(path: str | Path) -> Path:
+    """`path` as a whole pipeline: model_index.json and a folder for each component it lists
+    (the transformer is checked by `transformer_folder`)."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelFolderError(f"{path}: not a diffusers pipeline folder; expected model_index.json")
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{index}: not valid JSON ({exc.msg})") from None
+    for name, entry in components.items():
+        listed = isinstance(entry, list) and len(entry) == 2 and None not in entry
+        if listed and name != "transformer" and not (path / name).is_dir():
+            raise ModelFolderError(f"{path}: model_index.json lists {name}, but there is no {name}/ folder")
+    return path
+
+
+def load_transformer(path: str | Path, family: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load the diffusers transformer under `path` offline (fp32 unless `dtype`); check it is of `family` when given."""
     import diffusers
+    import torch
 
-    found = detect_family(path)
-    if family is not None and found != family:
-        raise ModelFolderError(f"{path}: holds a {found} transformer, but model.family is {family!r}")
+    dtype = torch.float32 if dtype is None else dtype
+
+    found = detect_family(path, expected=family)
     cls = getattr(diffusers, FAMILY_CLASSES[found][0])
     folder = transformer_folder(path)
     with _named_load_errors(folder):
         return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
 
 
-def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32,
+def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype | None = None,
                   *, drop_transformer: bool = False):
-    """Load a whole local diffusers pipeline, optionally with our own (dynamic) transformer, or
-    without any transformer (`drop_transformer`, for encoding only)."""
+    """Load a whole local diffusers pipeline (fp32 unless `dtype`), optionally with our own (dynamic)
+    transformer, or without any transformer (`drop_transformer`, for encoding only)."""
     import diffusers
+    import torch
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise ModelFolderError(f"{path}: not a diffusers pipeline folder; expected model_index.json")
+    dtype = torch.float32 if dtype is None else dtype
+
+    path = pipeline_folder(path)
     cls = getattr(diffusers, FAMILY_CLASSES[detect_family(path)][1])
     extra = {"transformer": transformer} if transformer is not None or drop_transformer else {}
     with _named_load_errors(path):

@@ -29,7 +29,8 @@ DERIVED_KEYS: dict[str, str] = {
 }
 
 
-def _conflicts(extra: dict[str, Any]) -> list[str]:
+def derived_key_conflicts(extra: dict[str, Any]) -> list[str]:
+    """One line per `train.deepspeed` key that the recipe derives itself."""
     found = []
     for key, field in DERIVED_KEYS.items():
         head, _, tail = key.partition(".")
@@ -53,7 +54,7 @@ def build_ds_config(recipe: Recipe, world_size: int, *, torch_adam: bool = True)
     """
     if world_size < 1:
         raise ValueError(f"world_size: expected an integer >= 1, got {world_size}")
-    conflicts = _conflicts(recipe.train.deepspeed)
+    conflicts = derived_key_conflicts(recipe.train.deepspeed)
     if conflicts:
         raise RecipeError(conflicts)
     train, optim = recipe.train, recipe.optim

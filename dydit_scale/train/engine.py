@@ -6,6 +6,8 @@ DeepSpeed is driven directly (`deepspeed.initialize`); accelerate mis-detects ra
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,11 +44,48 @@ def lr_lambda(recipe: Recipe):
     return factor
 
 
+def jit_build_note(builder_name: str) -> str | None:
+    """A line announcing that DeepSpeed will JIT-compile the op of `builder_name` (e.g.
+    "ShareMemCommBuilder"), or None when it is pre-built, not used here, or its library already lies in
+    the torch extensions folder. The first launch otherwise sits silent for tens of seconds."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or installed_ops.get(builder.NAME) or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
+        return None
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))  # where torch's `load` builds it
+    if (folder / f"{builder.NAME}.so").is_file():
+        return None
+    return f"compiling DeepSpeed's {builder.NAME} op once (usually 20–60 s) into {folder}"
+
+
+def announce_jit_build(builder_name: str) -> None:
+    """Print `jit_build_note` on rank 0 (ranks share the build, the others wait on its lock)."""
+    note = jit_build_note(builder_name) if dist.is_main() else None
+    if note:
+        print(note, file=sys.stderr, flush=True)
+
+
+def _optimizer_builder(config: dict[str, Any]) -> str | None:
+    """The op builder of the Adam DeepSpeed picks for `config` (none for torch's own Adam)."""
+    optimizer = config.get("optimizer", {}).get("params", {})
+    if optimizer.get("torch_adam", False):
+        return None
+    offload = config.get("zero_optimization", {}).get("offload_optimizer")
+    return "CPUAdamBuilder" if offload else "FusedAdamBuilder"
+
+
 def build_engine(model: torch.nn.Module, recipe: Recipe):
     """`deepspeed.initialize` with the recipe-derived config, our groups and LR schedule."""
     import deepspeed
 
     config = build_ds_config(recipe, dist.world_size(), torch_adam=not torch.cuda.is_available())
+    builder = _optimizer_builder(config)
+    if builder is not None:
+        announce_jit_build(builder)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, recipe), config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),

@@ -42,16 +42,16 @@ def init_distributed(recipe: Recipe) -> None:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     dist.setup_logging()
-    _quiet_libraries()
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (per-call tokenizer truncation notes, pipeline bars) out of run logs."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+def launch_world_size() -> int:
+    """The world size `init_distributed` will see, read from the launcher's environment before any
+    process group exists (so start-up checks can refuse a launch without a rendezvous)."""
+    if "RANK" in os.environ:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
 
 
 def _git_sha() -> str | None:

@@ -36,7 +36,8 @@ from dydit_scale.models.encoders import encode_text, load_frozen_components
 from dydit_scale.models.family import FAMILIES, encode_pixels, scale_latents, transformer_inputs
 from dydit_scale.train import checkpoint
 from dydit_scale.train.adapters import save_adapters
-from dydit_scale.train.engine import EMA, build_engine
+from dydit_scale.train.console import quiet_third_party
+from dydit_scale.train.engine import EMA, announce_jit_build, build_engine
 from dydit_scale.train.env import init_distributed, keep_earlier_recipe, write_env
 from dydit_scale.train.failure import checkpoint_write_error
 from dydit_scale.train.identity import KEY as IDENTITY
@@ -63,7 +64,9 @@ class Trainer:
         # have set it to "ignore", which the ranks inherit).
         self._stop_requested = False
         self._install_signal_handlers()
+        announce_jit_build("ShareMemCommBuilder")  # DeepSpeed's CPU collectives, built on first launch
         init_distributed(recipe)
+        quiet_third_party(verbose=recipe.log.verbose, main=dist.is_main())
         self._failed = False
         self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name

@@ -1,7 +1,11 @@
-"""Run logging: one `metrics.jsonl` line per optimizer step, TensorBoard, and a tqdm bar on rank 0."""
+"""Run logging: one `metrics.jsonl` line per optimizer step, TensorBoard, and a tqdm bar on rank 0.
+
+While the bar is open, log lines and warnings print through `tqdm.write`, above the bar.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -9,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from dydit_scale.train.console import bar_safe_logging
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tb"))
+        self._console = contextlib.ExitStack()
+        self._console.enter_context(bar_safe_logging())
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          disable=not enabled, dynamic_ncols=True)
 
@@ -56,6 +64,7 @@ class MetricsLog:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
 
     def close(self) -> None:
+        self._console.close()
         if not self.enabled:
             return
         self._bar.close()

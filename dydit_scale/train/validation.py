@@ -7,16 +7,18 @@ rank 0 writes the files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dydit_scale import dist
 from dydit_scale.data import build_loader
 from dydit_scale.dynamic.routers import Router, full_width
-from dydit_scale.infer.plots import image_grid, save_png
+from dydit_scale.infer.plots import labelled_grid, save_png
 
 if TYPE_CHECKING:
     from dydit_scale.train.loop import Trainer
@@ -82,16 +84,23 @@ class Validator:
         with gather, autocast:
             pipe.transformer = model
             try:
-                for seed in recipe.validation.seeds:
-                    for prompt in recipe.validation.prompts:
-                        images.append(self._one_sample(pipe, prompt, seed))
+                for seed, prompt in self._progress(step):
+                    images.append(self._one_sample(pipe, prompt, seed))
             finally:
                 pipe.transformer = None
         if dist.is_main():
-            grid = image_grid(np.stack(images), rows=len(recipe.validation.seeds))
+            grid = labelled_grid(np.stack(images), list(recipe.validation.prompts),
+                                 [f"seed {seed}" for seed in recipe.validation.seeds])
             path = save_png(grid, trainer.run_dir / "samples" / f"step-{step:07d}.png")
             trainer.metrics.image("samples", step, grid)
             log.info("sample grid %s", path)
+
+    def _progress(self, step: int) -> tqdm:
+        """(seed, prompt) pairs of the grid, row by row, under a rank-0 bar that clears when done:
+        sampling the grid can take minutes, and the training bar stands still meanwhile."""
+        pairs = list(itertools.product(self.recipe.validation.seeds, self.recipe.validation.prompts))
+        return tqdm(pairs, desc=f"validation samples (step {step})", unit="image", leave=False,
+                    disable=not dist.is_main(), dynamic_ncols=True)
 
     def _one_sample(self, pipe: Any, prompt: str, seed: int) -> np.ndarray:
         recipe, family = self.recipe, self.trainer.family

@@ -103,14 +103,14 @@ def test_validate_cli_exits_2_with_one_line_per_problem_and_no_traceback(tmp_pat
 
 
 def test_validate_cli_does_not_import_torch():
-    code = ("import sys; from dydit_scale.cli import validate; validate(['recipes/tiny_cpu.yaml']); "
+    code = ("import sys; from dydit_scale.cli import validate; validate(['recipes/tiny_cpu.yaml', 'run.output_dir=/no/runs']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
 def test_validate_cli_print_and_explain():
-    shown = _cli("recipes/tiny_cpu.yaml", "--print")
+    shown = _cli("recipes/tiny_cpu.yaml", "--offline", "--print")
     assert shown.returncode == 0 and "target_flops_ratio: 0.6" in shown.stdout
     explained = _cli("--explain")
     assert explained.returncode == 0 and "dynamic.target_flops_ratio" in explained.stdout

@@ -81,23 +81,67 @@ def test_pack_resumes_after_an_interruption_without_duplicates(tmp_path, monkeyp
     assert _run(pack, [str(src), str(tmp_path / "clean"), "--max-count", "3"]) == 0
     original = pack._sample
 
-    def failing(index, entry):
+    def failing(index, entry, data):
         if index == 8:
             raise _Interrupt
-        return original(index, entry)
+        return original(index, entry, data)
 
     monkeypatch.setattr(pack, "_sample", failing)
     with pytest.raises(_Interrupt):
         _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"])
     assert len(_keys(tmp_path / "resumed")) == 2  # two whole shards; the third stayed .partial
+    assert (tmp_path / "resumed" / pack.PROGRESS_FILE).is_file()
     monkeypatch.setattr(pack, "_sample", original)
     assert _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"]) == 0
     assert _keys(tmp_path / "resumed") == _keys(tmp_path / "clean")
     assert read_sizes(tmp_path / "resumed") == read_sizes(tmp_path / "clean") == {
         "shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 3, "shard-000003.tar": 1}
     assert not list((tmp_path / "resumed").glob("*.partial"))
-    assert _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"]) == 0  # nothing left: no-op
-    assert _keys(tmp_path / "resumed") == _keys(tmp_path / "clean")
+    assert not (tmp_path / "resumed" / pack.PROGRESS_FILE).exists()  # finished: no resume state left behind
+
+
+def test_pack_refuses_to_pack_again_into_a_finished_folder(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", 3)
+    assert _run(pack, [str(src), str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / pack.PROGRESS_FILE).exists()
+    assert _run(pack, [str(src), str(tmp_path / "out")]) == 2
+    assert "already holds shards" in capsys.readouterr().err
+
+
+def test_pack_leaves_out_corrupt_images_naming_each_original_file(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", 6)  # img04 has no caption
+    (src / "img01.png").write_bytes(b"not an image at all")
+    (src / "img02.png").write_bytes(png_bytes((40, 40))[:70])  # truncated inside the pixel data
+    assert _run(pack, [str(src), str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if "left out" in line]
+    assert [line.split(": ")[1] for line in lines] == [str(src / f"img0{i}.png") for i in (1, 2, 4)]
+    assert all("undecodable image" in line for line in lines[:2]) and "no caption" in lines[2]
+    assert "BytesIO" not in err and "000000001" not in err  # neither a repr nor the shard key
+    assert "2 item(s) with an undecodable image left out" in out and "1 item(s) without a caption" in out
+    assert read_sizes(tmp_path / "out") == {"shard-000000.tar": 3}
+    assert _run(validate, [str(tmp_path / "out"), "--json"]) == 0
+    assert not (tmp_path / "out" / pack.PROGRESS_FILE).exists()
+
+
+def test_pack_manifest_names_the_listed_file(tmp_path, capsys):
+    _image_folder(tmp_path / "src", 2)
+    (tmp_path / "src" / "img01.png").write_bytes(b"garbage")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": f"src/img0{i}.png", "caption": "c"}) + "\n"
+                                              for i in range(3)))
+    assert _run(pack, [str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 2  # img02.png does not exist
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'src' / 'img01.png'}: undecodable image" in err
+    missing = tmp_path / "src" / "img02.png"
+    assert err.splitlines()[-1] == f"dydit-data pack: {missing}: cannot read it (No such file or directory)"
+
+
+def test_pack_bad_caption_is_one_line_naming_the_txt(tmp_path, capsys):
+    src = _image_folder(tmp_path / "src", 2)
+    (src / "img01.txt").write_bytes(b"caf\xe9")
+    assert _run(pack, [str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dydit-data pack: {src / 'img01.txt'}: expected a UTF-8 caption") and "\n" not in err
 
 
 def test_pack_csv_manifest_then_validate(tmp_path, capsys):
@@ -110,9 +154,19 @@ def test_pack_csv_manifest_then_validate(tmp_path, capsys):
     del src
 
 
-def test_pack_refuses_a_folder_packed_from_other_input(tmp_path, capsys):
-    src = _image_folder(tmp_path / "src", 3)
-    assert _run(pack, [str(src), str(tmp_path / "out")]) == 0
+def test_pack_refuses_to_resume_with_other_input(tmp_path, monkeypatch, capsys):
+    src = _image_folder(tmp_path / "src", 5)
+    original = pack._sample
+
+    def failing(index, entry, data):
+        if index == 3:
+            raise _Interrupt
+        return original(index, entry, data)
+
+    monkeypatch.setattr(pack, "_sample", failing)
+    with pytest.raises(_Interrupt):
+        _run(pack, [str(src), str(tmp_path / "out"), "--max-count", "2"])
+    monkeypatch.setattr(pack, "_sample", original)
     assert _run(pack, [str(src), str(tmp_path / "out"), "--max-count", "1"]) == 2
     assert "other input or options" in capsys.readouterr().err
 
@@ -126,6 +180,17 @@ def test_stats_counts_and_writes_sizes(clean_image_shards, tmp_path, capsys):
     assert read_sizes(tmp_path) == {"copy.tar": 9}
     shard = report["shards"][str(copy)]
     assert shard["width"]["min"] == 32 and shard["width"]["max"] == 48
+
+
+def test_stats_table_is_aligned_text_without_reprs(bad_image_shards, capsys):
+    assert _run(stats, [str(bad_image_shards)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(c in line for line in lines for c in "{}[]'")
+    assert lines[0].split()[:3] == ["shard", "samples", "MB"]
+    end = lines[0].index("samples") + len("samples")  # counts are right-aligned under their header
+    assert all(line[end - 1].isdigit() and line[end] == " " for line in lines[1:])
+    assert lines[-1].split()[:2] == ["total", "23"] and "without media" in lines[-1]
+    assert "corrupt" in next(line for line in lines if line.startswith("shard-000002.tar"))
 
 
 def test_synth_image_shards_load(tmp_path):
