@@ -52,6 +52,10 @@ class NoiseFilter(logging.Filter):
         return True
 
 
+#: the filter `quiet_third_party` installed, re-attached inside `bar_safe_logging`
+_active_filter: NoiseFilter | None = None
+
+
 def _console_loggers() -> list[logging.Logger]:
     """The root logger and the library loggers that have console handlers of their own."""
     from diffusers.utils import logging as diffusers_logging
@@ -71,9 +75,10 @@ def quiet_third_party(*, verbose: bool, main: bool = True) -> None:
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+    global _active_filter
     if verbose:
         return
-    noise = NoiseFilter()
+    noise = _active_filter = NoiseFilter()
     for logger in _console_loggers():
         for handler in logger.handlers:
             handler.addFilter(noise)
@@ -85,10 +90,16 @@ def quiet_third_party(*, verbose: bool, main: bool = True) -> None:
 @contextlib.contextmanager
 def bar_safe_logging() -> Iterator[None]:
     """Log records and Python warnings go through `tqdm.write`, so that they print above an active
-    progress bar instead of being glued to it."""
+    progress bar instead of being glued to it; the noise filter moves onto tqdm's handlers, which
+    replace the console ones without their filters."""
+    loggers = _console_loggers()
     logging.captureWarnings(True)
     try:
-        with logging_redirect_tqdm(loggers=_console_loggers()):
+        with logging_redirect_tqdm(loggers=loggers):
+            if _active_filter is not None:
+                for logger in loggers:
+                    for handler in logger.handlers:
+                        handler.addFilter(_active_filter)
             yield
     finally:
         logging.captureWarnings(False)

@@ -76,22 +76,27 @@ class _Interrupt(Exception):
     pass
 
 
-def test_pack_resumes_after_an_interruption_without_duplicates(tmp_path, monkeypatch):
-    src = _image_folder(tmp_path / "src", 11)
-    assert _run(pack, [str(src), str(tmp_path / "clean"), "--max-count", "3"]) == 0
+def _interrupted_pack(monkeypatch, argv: list[str], at: int) -> None:
+    """Run `pack` with `argv` until it reaches sample `at`, as if the process were killed there."""
     original = pack._sample
 
     def failing(index, entry, data):
-        if index == 8:
+        if index == at:
             raise _Interrupt
         return original(index, entry, data)
 
     monkeypatch.setattr(pack, "_sample", failing)
     with pytest.raises(_Interrupt):
-        _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"])
+        _run(pack, argv)
+    monkeypatch.setattr(pack, "_sample", original)
+
+
+def test_pack_resumes_after_an_interruption_without_duplicates(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src", 11)
+    assert _run(pack, [str(src), str(tmp_path / "clean"), "--max-count", "3"]) == 0
+    _interrupted_pack(monkeypatch, [str(src), str(tmp_path / "resumed"), "--max-count", "3"], at=8)
     assert len(_keys(tmp_path / "resumed")) == 2  # two whole shards; the third stayed .partial
     assert (tmp_path / "resumed" / pack.PROGRESS_FILE).is_file()
-    monkeypatch.setattr(pack, "_sample", original)
     assert _run(pack, [str(src), str(tmp_path / "resumed"), "--max-count", "3"]) == 0
     assert _keys(tmp_path / "resumed") == _keys(tmp_path / "clean")
     assert read_sizes(tmp_path / "resumed") == read_sizes(tmp_path / "clean") == {
@@ -156,17 +161,7 @@ def test_pack_csv_manifest_then_validate(tmp_path, capsys):
 
 def test_pack_refuses_to_resume_with_other_input(tmp_path, monkeypatch, capsys):
     src = _image_folder(tmp_path / "src", 5)
-    original = pack._sample
-
-    def failing(index, entry, data):
-        if index == 3:
-            raise _Interrupt
-        return original(index, entry, data)
-
-    monkeypatch.setattr(pack, "_sample", failing)
-    with pytest.raises(_Interrupt):
-        _run(pack, [str(src), str(tmp_path / "out"), "--max-count", "2"])
-    monkeypatch.setattr(pack, "_sample", original)
+    _interrupted_pack(monkeypatch, [str(src), str(tmp_path / "out"), "--max-count", "2"], at=3)
     assert _run(pack, [str(src), str(tmp_path / "out"), "--max-count", "1"]) == 2
     assert "other input or options" in capsys.readouterr().err
 

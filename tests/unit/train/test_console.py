@@ -78,6 +78,17 @@ def test_library_noise_quiet_unless_verbose(clean_logging, capsys) -> None:
     assert [str(w.message) for w in caught] == ["something else"]
 
 
+def test_noise_stays_filtered_while_a_bar_redirects_logging(clean_logging, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(console, "_active_filter", None)
+    logging.getLogger("diffusers").handlers[:] = [logging.StreamHandler(sys.stderr)]  # capsys's stream
+    console.quiet_third_party(verbose=False)
+    with console.bar_safe_logging():  # tqdm's handlers replace the console ones
+        logging.getLogger("diffusers.models").warning("Attention backends are an experimental feature and more")
+        logging.getLogger("diffusers.models").warning("a warning nobody listed")
+    err = capsys.readouterr().err
+    assert "Attention backends" not in err and "a warning nobody listed" in err
+
+
 def test_log_lines_print_above_the_bar(clean_logging, tmp_path, capsys, monkeypatch) -> None:
     handler = logging.StreamHandler(sys.stderr)  # sys.stderr is capsys's now
     handler.setFormatter(logging.Formatter("LOG %(message)s"))
