@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from data_tools import encode, pack, stats, synth_model, synth_shards, validate
+from dydit_scale.console import quiet_third_party
 from dydit_scale.help_format import DefaultsHelpFormatter
 
 COMMANDS = {
@@ -36,6 +37,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dydit-data", description=__doc__, formatter_class=_Help)
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings that are filtered as known noise")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     synth_shards.add_shard_arguments(synth, with_out=False)
     synth.set_defaults(func=_synth)
     args = parser.parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
     return args.func(args)
 
 

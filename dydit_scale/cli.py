@@ -125,7 +125,7 @@ def export(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     args = parser.parse_args(argv)
     from dydit_scale.infer.export import export_run, ratio_warning
-    from dydit_scale.train.console import quiet_third_party
+    from dydit_scale.console import quiet_third_party
 
     quiet_third_party(verbose=args.verbose)
     try:
@@ -163,7 +163,7 @@ def sample(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     args = parser.parse_args(argv)
     from dydit_scale.infer.sample import sample_run
-    from dydit_scale.train.console import bar_safe_logging, quiet_third_party
+    from dydit_scale.console import bar_safe_logging, quiet_third_party
 
     quiet_third_party(verbose=args.verbose)
     try:

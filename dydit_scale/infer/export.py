@@ -158,7 +158,7 @@ def export_run(path: str | Path, out: str | Path, *, steps: int, resolution: tup
                                  text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames,
                                  pipeline=pipeline)
     source = {"run": recipe.run.name, "checkpoint": run.step_folder.name, "step": run.step,
-              "model_path": recipe.model.path, "lora": recipe.lora.kind}
+              "model_path": recipe.model.path, "lora": recipe.lora.kind, "token_routers": recipe.dynamic.tokens}
     schedule = export_schedule(run.model, keys, token_shape=shape, source=source)
     schedule.save(out)
     schedule_heatmap(schedule, Path(out) / "schedule.png")
@@ -174,6 +174,10 @@ def ratio_warning(schedule: RouterSchedule, tolerance: float = 0.03) -> str | No
     ratio, target = float(schedule.flops_ratio.mean()), schedule.target_flops_ratio
     if target is None or abs(ratio - target) <= tolerance:
         return None
-    return (f"the exported mean FLOPs ratio {ratio:.3f} misses the trained λ {target:.2f} by {ratio - target:+.3f} "
+    line = (f"the exported mean FLOPs ratio {ratio:.3f} misses the trained λ {target:.2f} by {ratio - target:+.3f} "
             f"(more than {tolerance}); routers whose logits sit near 0 flip when frozen: train longer "
             "(see keep/<router> in TensorBoard)")
+    if schedule.source.get("token_routers"):
+        line += ("; this ratio counts dynamic width only, the live token routers skip more MLP work at sampling "
+                 "time (dydit-sample's compute_map.png)")
+    return line

@@ -36,7 +36,7 @@ from dydit_scale.models.encoders import encode_text, load_frozen_components
 from dydit_scale.models.family import FAMILIES, encode_pixels, scale_latents, transformer_inputs
 from dydit_scale.train import checkpoint
 from dydit_scale.train.adapters import save_adapters
-from dydit_scale.train.console import quiet_third_party
+from dydit_scale.console import quiet_third_party
 from dydit_scale.train.engine import EMA, announce_jit_build, build_engine
 from dydit_scale.train.env import init_distributed, keep_earlier_recipe, write_env
 from dydit_scale.train.failure import checkpoint_write_error

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dydit_scale.train.console import bar_safe_logging
+from dydit_scale.console import bar_safe_logging
 
 log = logging.getLogger(__name__)
 

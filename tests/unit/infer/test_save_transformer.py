@@ -74,4 +74,6 @@ def test_ratio_warning_fires_only_past_the_tolerance():
     ratio = float(schedule.flops_ratio.mean())
     assert ratio_warning(dataclasses.replace(schedule, target_flops_ratio=ratio - 0.02)) is None
     line = ratio_warning(dataclasses.replace(schedule, target_flops_ratio=ratio - 0.05))
-    assert line and f"{ratio:.3f}" in line and "+0.050" in line
+    assert line and f"{ratio:.3f}" in line and "+0.050" in line and "token routers" not in line
+    with_tokens = dataclasses.replace(schedule, target_flops_ratio=ratio + 0.05, source={"token_routers": True})
+    assert "-0.050" in ratio_warning(with_tokens) and "token routers skip more" in ratio_warning(with_tokens)

@@ -20,8 +20,9 @@ DROPPED = (
     "requires torchvision (not installed)",
     "Attention backends are an experimental feature",
 )
-#: message prefixes shown once per distinct prefix (up to the first colon), then dropped
-ONCE = ("The following part of your input was truncated because",)
+#: message prefixes shown once per distinct prefix (up to the first colon), at rank 0 only, then dropped
+ONCE = ("The following part of your input was truncated because",
+        "Token indices sequence length is longer than the specified maximum")
 #: Python warnings (message regexes) that are ignored: torchvision's import-time probes, and a
 #: deprecated collective that DeepSpeed's ZeRO calls on every rank
 IGNORED_WARNINGS = (
@@ -34,11 +35,13 @@ LIBRARY_LOGGERS = ("transformers", "diffusers")
 
 
 class NoiseFilter(logging.Filter):
-    """Drops known noise; a repeated note (ONCE) passes the first time only."""
+    """Drops known noise; a repeated note (ONCE) passes the first time only, and only on the main
+    rank (the other ranks would print the same note again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, main: bool = True) -> None:
         super().__init__()
         self._seen: set[str] = set()
+        self._main = main
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -46,7 +49,7 @@ class NoiseFilter(logging.Filter):
             return False
         if message.startswith(ONCE):
             key = message.split(":", 1)[0]
-            if key in self._seen:
+            if key in self._seen or not self._main:
                 return False
             self._seen.add(key)
         return True
@@ -78,7 +81,7 @@ def quiet_third_party(*, verbose: bool, main: bool = True) -> None:
     global _active_filter
     if verbose:
         return
-    noise = _active_filter = NoiseFilter()
+    noise = _active_filter = NoiseFilter(main)
     for logger in _console_loggers():
         for handler in logger.handlers:
             handler.addFilter(noise)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from dydit_scale.train import console
+from dydit_scale import console
 from dydit_scale.train.metrics import MetricsLog
 
 _TRUNCATED = "The following part of your input was truncated because `max_sequence_length` is set to 16 tokens: "
@@ -55,6 +55,13 @@ def test_truncation_note_once_per_encoder() -> None:
     clip = "The following part of your input was truncated because CLIP can only handle sequences up to 77 tokens: "
     assert noise.filter(_record(clip + "['x']"))
     assert not noise.filter(_record(clip + "['y']"))
+
+
+def test_notes_shown_once_are_not_repeated_by_other_ranks() -> None:
+    assert console.NoiseFilter(main=True).filter(_record(_TRUNCATED + "['x']"))
+    other = console.NoiseFilter(main=False)
+    assert not other.filter(_record(_TRUNCATED + "['x']"))
+    assert other.filter(_record("a warning nobody listed"))
 
 
 def test_library_noise_quiet_unless_verbose(clean_logging, capsys) -> None:
