@@ -150,8 +150,7 @@ def export_run(path: str | Path, out: str | Path, *, steps: int, resolution: tup
     run = load_run(path, consolidate=consolidate)
     recipe, family = run.recipe, run.recipe.model.family
     resolution = resolution or (recipe.data.resolution, recipe.data.resolution)
-    pipeline = Path(recipe.model.path)
-    pipeline = pipeline if (pipeline / "model_index.json").is_file() else None
+    pipeline = recipe.model.path  # a transformer-only folder has no scheduler or VAE config: defaults then
     keys = sampler_time_keys(family, steps=steps, resolution=resolution, sampler=sampler, pipeline=pipeline,
                              dtype=dtype)
     shape = sampling_token_shape(family, run.model.config, resolution=resolution,

@@ -93,8 +93,7 @@ def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any,
     sampler = schedule.time_keys.sampler
     steps = steps or sampler["steps"]
     resolution = resolution or tuple(sampler["resolution"])
-    pipeline = Path(recipe.model.path)
-    pipeline = pipeline if (pipeline / "model_index.json").is_file() else None
+    pipeline = recipe.model.path  # a transformer-only folder has no scheduler or VAE config: defaults then
     keys = sampler_time_keys(recipe.model.family, steps=steps, resolution=resolution, sampler=sampler["name"],
                              pipeline=pipeline, dtype=_DTYPES[sampler.get("dtype", "float32")])
     shape = sampling_token_shape(recipe.model.family, config, resolution=resolution,
