@@ -1,91 +1,59 @@
-"""Data, model and training loops of `dydit-bench efficacy` (kept apart so the bench module stays readable).
+"""Model and training loops of `dydit-bench efficacy`: one pre-training, one fine-tuning loop for every arm.
 
-Everything is in memory and deterministic in the seed: synthetic shape images (`synthetic_image`) in
-pixel space, captions embedded by a frozen random word table (no hub weights offline; the captions
-name size, colour, shape and place, so the table carries real conditioning), a small stock diffusers
-`PixArtTransformer2DModel` with learned σ, plain torch AdamW and the library's DDPM objective.
+The task is rectified flow in pixel space (x_σ = (1 − σ)·x0 + σ·ε, the model predicts ε − x0 and
+embeds 1000·σ): a model this small learns recognisable shapes from it in a few thousand CPU steps,
+where DDPM ε-prediction still sampled noise at 32² in the same budget. Every arm is fine-tuned by
+`finetune` with the same steps, data order (one seeded generator), AdamW and constant LR after a
+short warm-up, so the arms differ only in what they are: the static model (control), a dynamic
+model whose FLOPs loss w·(r̄ − λ_eff)² (Eq. 6) pulls its routers towards λ, or a pruned model.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dydit_scale.config import DynamicConfig
-from dydit_scale.data.synthetic import synthetic_image
-from dydit_scale.diffusion import DDPMObjective
+from dydit_scale.bench.efficacy_data import TEXT_DIM, Data
+from dydit_scale.diffusion import FlowMatchingObjective
 from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
 from dydit_scale.dynamic.flops import flops_ratio
-from dydit_scale.models.convert import make_dynamic
+from dydit_scale.dynamic.routers import Router
 
-__all__ = ["Data", "HeldOut", "pixart_forward", "make_data", "build_static", "pretrain", "finetune_dynamic"]
+__all__ = ["TIME_SCALE", "Budget", "HeldOut", "build_static", "finetune", "pixart_forward", "pretrain"]
 
-TEXT_TOKENS = 8  # "a small red circle at the top left" has 8 words; shorter captions are padded
-TEXT_DIM = 32
-
-
-@dataclass
-class Data:
-    """Images in [-1, 1] [N, 3, S, S] and caption embeddings [N, TEXT_TOKENS, TEXT_DIM], split."""
-
-    train_x: torch.Tensor
-    train_c: torch.Tensor
-    held_x: torch.Tensor
-    held_c: torch.Tensor
-    held_captions: list[str] = field(default_factory=list)
+#: The transformer embeds 1000·σ, as PixArt embeds DDPM indices in [0, 1000).
+TIME_SCALE = 1000.0
+#: Share of training captions replaced by the null (all-zero) caption.
+CAPTION_DROP = 0.1
 
 
-def _embed_captions(captions: list[str], seed: int) -> torch.Tensor:
-    """Frozen random word-embedding table (seeded, sorted vocabulary) → [N, TEXT_TOKENS, TEXT_DIM]."""
-    vocab = sorted({word for caption in captions for word in caption.split()} | {"<pad>"})
-    table = torch.randn(len(vocab), TEXT_DIM, generator=torch.Generator().manual_seed(seed + 7))
-    index = {word: i for i, word in enumerate(vocab)}
-    ids = [[index[w] for w in c.split()][:TEXT_TOKENS] for c in captions]
-    ids = torch.tensor([row + [index["<pad>"]] * (TEXT_TOKENS - len(row)) for row in ids])
-    return table[ids]
-
-
-def make_data(count: int, heldout: int, size: int, seed: int) -> Data:
-    """`count` training + `heldout` held-out samples (disjoint indices) of `synthetic_image` at size²."""
-    from PIL import Image
-
-    images, captions = [], []
-    for index in range(count + heldout):
-        data, caption, _ = synthetic_image(index, seed=seed, size=(size, size), image_format="png")
-        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-        captions.append(caption)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    c = _embed_captions(captions, seed)
-    return Data(x[:count], c[:count], x[count:], c[count:], captions[count:])
-
-
-def build_static(size: int, heads: int, head_dim: int, layers: int, seed: int) -> nn.Module:
-    """Stock PixArt-α transformer in pixel space: 3 channels in, 6 out (ε + learned σ), patch 2."""
+def build_static(size: int, heads: int, head_dim: int, layers: int, patch: int, seed: int) -> nn.Module:
+    """Stock PixArt-α transformer in pixel space: 3 channels in, 3 out (the velocity)."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=6, num_layers=layers,
-        cross_attention_dim=heads * head_dim, sample_size=size, patch_size=2, norm_num_groups=1,
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3, num_layers=layers,
+        cross_attention_dim=heads * head_dim, sample_size=size, patch_size=patch, norm_num_groups=1,
         caption_channels=TEXT_DIM, use_additional_conditions=False, norm_type="ada_norm_single")
 
 
-def pixart_forward(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    return model(x_t, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None,
+def pixart_forward(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The model's output for `timestep` = 1000·σ (the value a sampler passes and a schedule keys on)."""
+    return model(x_t, encoder_hidden_states=text, timestep=timestep, added_cond_kwargs={"resolution": None,
                  "aspect_ratio": None}, return_dict=False)[0]
 
 
 class HeldOut:
     """Fixed noise and stratified timesteps per held-out sample, so every model sees the same problem."""
 
-    def __init__(self, data: Data, objective: DDPMObjective, seed: int, batch: int):
+    def __init__(self, data: Data, objective: FlowMatchingObjective, seed: int, batch: int):
         g = torch.Generator().manual_seed(seed + 11)
         self.noise = torch.randn(data.held_x.shape, generator=g)
         self.t = objective.sample_timesteps(data.held_x.shape[0], generator=g)
@@ -93,111 +61,119 @@ class HeldOut:
 
     @torch.no_grad()
     def loss(self, model: nn.Module) -> float:
-        """Mean held-out DDPM loss (ε-MSE + L_vb) in eval mode."""
+        """Mean held-out flow-matching loss (velocity MSE) in eval mode."""
         was_training = model.training
         model.eval()
-        total = 0.0
-        x0_all, n = self.data.held_x, self.data.held_x.shape[0]
+        total, n = 0.0, self.data.held_x.shape[0]
         for i in range(0, n, self.batch):
-            x0, noise, t = x0_all[i:i + self.batch], self.noise[i:i + self.batch], self.t[i:i + self.batch]
+            x0, noise, t = self.data.held_x[i:i + self.batch], self.noise[i:i + self.batch], self.t[i:i + self.batch]
             x_t = self.objective.add_noise(x0, noise, t)
-            out = pixart_forward(model, x_t, t, self.data.held_c[i:i + self.batch])
+            out = pixart_forward(model, x_t, t * TIME_SCALE, self.data.held_c[i:i + self.batch])
             total += float(self.objective.loss(out, x0, noise, t, x_t).sum())
         model.train(was_training)
         return total / n
 
 
-def _batch(data: Data, objective: DDPMObjective, batch: int, step: int, g: torch.Generator):
+def _batch(data: Data, objective: FlowMatchingObjective, batch: int, step: int, g: torch.Generator):
+    """One seeded batch; `CAPTION_DROP` of the captions are zeroed, so the model also learns the
+    unconditional velocity that classifier-free guidance needs (as PixArt trains)."""
     idx = torch.randint(0, data.train_x.shape[0], (batch,), generator=g)
-    x0, text = data.train_x[idx], data.train_c[idx]
+    keep = (torch.rand(batch, generator=g) >= CAPTION_DROP).float()[:, None, None]
+    x0, text = data.train_x[idx], data.train_c[idx] * keep
     noise = torch.randn(x0.shape, generator=g)
     t = objective.sample_timesteps(batch, generator=g, first_index=step * batch)
     return x0, text, noise, t, objective.add_noise(x0, noise, t)
 
 
-def pretrain(model: nn.Module, data: Data, held: HeldOut, *, batch: int, lr: float, window: int, cap: int,
-             min_steps: int, tolerance: float, decay_fraction: float, seed: int) -> dict:
-    """AdamW warm-up → constant LR until flat → linear decay to 0 (warm-up-stable-decay).
+def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[nn.Parameter]) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
 
-    The constant phase ends once the held-out loss improved less than `tolerance` (relative) over the
-    last `window` steps (after `min_steps`), or at `cap`·(1 − `decay_fraction`); the decay then takes
-    `decay_fraction` of all steps, so the static model is converged rather than caught mid-noise and
-    the total stays ≤ `cap`. Returns the steps taken, the held-out curve [(step, loss)] (its last
-    point is the final model), whether the loss flattened before the cap, and seconds per step.
+
+def pretrain(model: nn.Module, data: Data, held: HeldOut, *, batch: int, lr: float, steps: int,
+             eval_every: int, decay_fraction: float, seed: int) -> dict:
+    """AdamW warm-up → constant LR → linear decay to 0 over the last `decay_fraction` of `steps`.
+
+    A fixed length (not "until flat") keeps the static model, and so every arm's starting point, the
+    same from run to run; the held-out curve shows whether it is flat. Returns the curve [(step, loss)]
+    (its last point is the final model) and seconds per step.
     """
     if not 0.0 <= decay_fraction < 1.0:
         raise ValueError(f"efficacy: --decay-fraction must be in [0, 1), got {decay_fraction}")
     objective = held.objective
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, min(50, cap // 10))
-    stable_cap = max(1, int(cap * (1 - decay_fraction)))
+    warmup, decay_from = max(1, min(100, steps // 10)), int(steps * (1 - decay_fraction))
     g = torch.Generator().manual_seed(seed + 3)
     curve = [(0, held.loss(model))]
     model.train()
-    start, step, end, flattened = time.perf_counter(), 0, cap, False
-    decay_from, decay_steps = None, 0
-    bar = tqdm(total=cap, desc="efficacy: pre-train (until flat, then LR decay)", unit="step", leave=False)
-    while step < end:
-        factor = min(1.0, (step + 1) / warmup) if decay_from is None else 1.0 - (step - decay_from) / decay_steps
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="efficacy: pre-train the static model", unit="step", leave=False)
+    for step in bar:
+        decay = (steps - step) / max(1, steps - decay_from) if step >= decay_from else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr * factor
+            group["lr"] = lr * min(1.0, (step + 1) / warmup, decay)
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
-        loss = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update()
-        if decay_from is None and (step % window == 0 or step == stable_cap):
-            curve.append((step, held.loss(model)))
-            prev, cur = curve[-2][1], curve[-1][1]
-            bar.set_postfix(heldout=f"{cur:.4f}")
-            flattened = step >= min_steps and (prev - cur) / abs(prev) < tolerance
-            if flattened or step >= stable_cap:
-                decay_from, decay_steps = step, round(step * decay_fraction / (1 - decay_fraction))
-                end = step + decay_steps
-                bar.total = end
-    bar.close()
+        loss = objective.loss(pixart_forward(model, x_t, t * TIME_SCALE, text), x0, noise, t, x_t).mean()
+        _step(model, opt, loss, list(model.parameters()))
+        if (step + 1) % eval_every == 0 and step + 1 < steps:
+            curve.append((step + 1, held.loss(model)))
+            bar.set_postfix(heldout=f"{curve[-1][1]:.4f}")
     seconds = time.perf_counter() - start
-    curve.append((step, held.loss(model)))
-    return {"steps": step, "curve": curve, "s_per_step": seconds / max(step, 1), "seconds": seconds,
-            "converged": flattened, "decay_steps": decay_steps}
+    curve.append((steps, held.loss(model)))
+    return {"steps": steps, "curve": curve, "s_per_step": seconds / max(steps, 1), "seconds": seconds}
 
 
-def finetune_dynamic(static: nn.Module, data: Data, held: HeldOut, *, lam: float, steps: int, batch: int,
-                     lr: float, dynamic: dict, seed: int) -> tuple[nn.Module, list[dict]]:
-    """A dynamic copy of `static` trained `steps` steps on DDPM loss + FLOPs loss towards λ.
+@dataclass(frozen=True)
+class Budget:
+    """The FLOPs target of a dynamic arm: λ_eff = 1 for `hold` steps, then a linear ramp to λ over
+    `ramp` steps (the official schedule), with the router LR `router_lr_scale` × the weights' LR."""
 
-    λ_eff ramps from 1 to λ over the first half of the steps (no hold); in the second half the weights
-    adapt to the final widths while their LR decays linearly to 0 (the static model ended its own
-    decay converged); routers keep `router_lr_scale` × lr (they start near-open, σ(bias)). The global
-    RNG (router noise) is seeded per λ, so each row is reproducible whatever ran before it.
+    lam: float
+    hold: int
+    ramp: int
+    router_lr_scale: float
+    weight: float = 2.0
+
+
+def finetune(model: nn.Module, data: Data, held: HeldOut, *, steps: int, batch: int, lr: float, seed: int,
+             budget: Budget | None = None, desc: str = "efficacy: fine-tune",
+             on_step: Callable[[], None] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Fine-tune `model` in place for `steps` steps; with a `budget` its routers learn the FLOPs target.
+
+    The data order and the timestep/noise draws come from a generator seeded by `seed` alone, so
+    every arm sees the same batches; the LR warms up over 2 % of the steps and then stays constant.
+    The log holds the diffusion loss and, for dynamic models, the training FLOPs ratio and λ_eff.
+    With `on_step` (a worker process reporting to its parent) it is called per step instead of a bar.
     """
-    import copy
-
-    torch.manual_seed(seed + round(1000 * lam))
-    config = DynamicConfig(target_flops_ratio=lam, **dynamic)
-    model = make_dynamic(copy.deepcopy(static), config).train()
-    routers = [p for n, p in model.named_parameters() if "router" in n]
-    others = [p for n, p in model.named_parameters() if "router" not in n]
-    opt = torch.optim.AdamW([{"params": others, "lr": lr},
-                             {"params": routers, "lr": lr * config.router_lr_scale}], weight_decay=0.0)
-    objective = held.objective
-    g = torch.Generator().manual_seed(seed + 5)
-    warmup = max(1, math.ceil(steps / 2))
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in routers]
+    groups = [{"params": weights, "lr": lr, "base": lr}]
+    if budget is not None and routers:
+        router_lr = lr * budget.router_lr_scale
+        groups.append({"params": [p for p in model.parameters() if id(p) in routers], "lr": router_lr,
+                       "base": router_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    objective, g = held.objective, torch.Generator().manual_seed(seed + 5)
+    warmup = max(1, math.ceil(0.02 * steps))
+    model.train()
     log = []
-    for step in tqdm(range(steps), desc=f"efficacy: fine-tune λ={lam}", unit="step", leave=False):
-        opt.param_groups[0]["lr"] = lr * min(1.0, (steps - step) / max(1, steps - warmup))
+    for step in range(steps) if on_step else tqdm(range(steps), desc=desc, unit="step", leave=False):
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * min(1.0, (step + 1) / warmup)
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
-        diffusion = objective.loss(pixart_forward(model, x_t, t, text), x0, noise, t, x_t).mean()
-        ratio = flops_ratio(model)
-        target = target_ratio_at(step, target=lam, warmup_steps=warmup, hold_steps=0)
-        f_loss = flops_loss(ratio, target, weight=config.flops_loss_weight, global_mean=False)
-        opt.zero_grad(set_to_none=True)
-        (diffusion + f_loss).backward()
-        torch.nn.utils.clip_grad_norm_(others, 1.0)
-        opt.step()
-        log.append({"step": step, "diffusion_loss": float(diffusion.detach()),
-                    "flops_ratio": float(ratio.detach().mean()), "lambda_eff": target})
+        diffusion = objective.loss(pixart_forward(model, x_t, t * TIME_SCALE, text), x0, noise, t, x_t).mean()
+        entry = {"step": step, "diffusion_loss": float(diffusion.detach())}
+        loss = diffusion
+        if budget is not None:
+            ratio = flops_ratio(model)
+            target = target_ratio_at(step, target=budget.lam, warmup_steps=budget.ramp, hold_steps=budget.hold,
+                                     ramp_after_hold=True)
+            loss = loss + flops_loss(ratio, target, weight=budget.weight, global_mean=False)
+            entry.update(flops_ratio=float(ratio.detach().mean()), lambda_eff=target)
+        _step(model, opt, loss, weights)
+        log.append(entry)
+        if on_step:
+            on_step()
     return model.eval(), log

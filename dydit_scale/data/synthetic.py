@@ -20,7 +20,8 @@ import numpy as np
 
 from dydit_scale.data.format import shard_pattern, write_sizes
 
-__all__ = ["COLOURS", "SHAPES", "synthetic_image", "synthetic_video", "encode_mp4", "write_synthetic_shards"]
+__all__ = ["COLOURS", "SHAPES", "SIZES", "PLACES", "draw_scene", "scene_background", "synthetic_image",
+           "synthetic_video", "encode_mp4", "write_synthetic_shards"]
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
@@ -43,21 +44,24 @@ def _caption(scene: dict[str, str]) -> str:
     return f"a {scene['size']} {scene['colour']} {scene['shape']} at the {scene['place']}"
 
 
-def _background(scene: dict[str, str], rng: random.Random) -> tuple[int, int, int]:
+def scene_background(scene: dict[str, str], rng: random.Random) -> tuple[int, int, int]:
+    """A plain grey background, mid-grey behind white or black shapes so that they stay visible."""
     grey = rng.choice((70, 128, 180)) if scene["colour"] not in ("white", "black") else 128
     return (grey, grey, grey)
 
 
-def _draw(width: int, height: int, scene: dict[str, str], background: tuple[int, int, int],
-          offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Render one scene as uint8 [H, W, 3]."""
+def draw_scene(width: int, height: int, scene: dict[str, str], background: tuple[int, int, int],
+               offset: tuple[float, float] = (0.0, 0.0), sizes: dict[str, float] = SIZES,
+               places: dict[str, tuple[float, float]] = PLACES) -> np.ndarray:
+    """Render one scene as uint8 [H, W, 3]; `sizes` maps a size name to the shape's diameter ÷ the short
+    side, `places` a place name to the shape's centre as fractions of width and height."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(img)
-    cx = (PLACES[scene["place"]][0] + offset[0]) * width
-    cy = (PLACES[scene["place"]][1] + offset[1]) * height
-    r = SIZES[scene["size"]] * min(width, height) / 2
+    cx = (places[scene["place"]][0] + offset[0]) * width
+    cy = (places[scene["place"]][1] + offset[1]) * height
+    r = sizes[scene["size"]] * min(width, height) / 2
     colour = COLOURS[scene["colour"]]
     box = (cx - r, cy - r, cx + r, cy + r)
     if scene["shape"] == "circle":
@@ -82,7 +86,7 @@ def synthetic_image(index: int, *, seed: int = 0, size: tuple[int, int] | None =
     rng = random.Random(f"synthetic-image:{seed}:{index}")
     scene = _scene(rng)
     width, height = size or rng.choice(IMAGE_SIZES)
-    pixels = _draw(width, height, scene, _background(scene, rng))
+    pixels = draw_scene(width, height, scene, scene_background(scene, rng))
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format={"jpg": "JPEG"}.get(image_format, image_format.upper()), quality=90)
     return out.getvalue(), _caption(scene), scene
@@ -111,9 +115,9 @@ def synthetic_video(index: int, *, seed: int = 0, size: tuple[int, int] = (96, 6
     """(mp4 bytes, caption, scene): the shape drifts a little from frame to frame."""
     rng = random.Random(f"synthetic-video:{seed}:{index}")
     scene = _scene(rng)
-    background = _background(scene, rng)
+    background = scene_background(scene, rng)
     dx, dy = rng.uniform(-0.01, 0.01), rng.uniform(-0.01, 0.01)
-    frames = np.stack([_draw(size[0], size[1], scene, background, (dx * t, dy * t)) for t in range(num_frames)])
+    frames = np.stack([draw_scene(size[0], size[1], scene, background, (dx * t, dy * t)) for t in range(num_frames)])
     return encode_mp4(frames, fps=fps), _caption(scene), scene
 
 

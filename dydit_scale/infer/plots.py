@@ -20,16 +20,15 @@ _KIND_NAMES = {"flux_double": "double", "flux_single": "single", "latte_spatial"
                "latte_temporal": "temporal"}
 
 
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-    """Tile images [N, H, W, 3] (floats in [0, 1]) into one uint8 picture of `rows` rows, 2 px gaps."""
-    n, h, w, _ = images.shape
-    cols = -(-n // rows)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
-    for index, image in enumerate(pixels):
-        r, c = divmod(index, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
-    return grid
+def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans from matplotlib's own files (it has Greek, so labels like "λ 0.5" render); PIL's
+    built-in font otherwise."""
+    from matplotlib import font_manager
+
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
+    except (OSError, ValueError):
+        return ImageFont.load_default(size=size)
 
 
 def _wrap(text: str, font: ImageFont.ImageFont, width: float, max_lines: int = 3) -> list[str]:
@@ -59,7 +58,7 @@ def labelled_grid(images: np.ndarray, col_labels: list[str], row_labels: list[st
     _, h, w, _ = images.shape
     scale = max(1, round(cell / max(h, w)))
     h, w = h * scale, w * scale
-    font = ImageFont.load_default(size=max(12, min(w, h) // 12))
+    font = _font(max(12, min(w, h) // 12))
     line = round(font.size * 1.25)
     heads = [_wrap(label, font, w - 6) for label in col_labels]
     sides = [_wrap(label, font, max(w, 120) - 6, max_lines=4) for label in row_labels]
@@ -98,7 +97,7 @@ def save_png(picture: np.ndarray, path: str | Path, min_side: int = 256) -> Path
     return path
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (imported late: it is slow and needs no display)."""
     import matplotlib
 
@@ -112,11 +111,11 @@ def _figure_to_array(fig: Figure) -> np.ndarray:
     """Render a matplotlib figure to a uint8 HWC RGB picture and close it."""
     fig.canvas.draw()
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return picture
 
 
-def _save_figure(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Render a matplotlib figure to `path` (PNG, written atomically) and close it."""
     return save_png(_figure_to_array(fig), path)
 
@@ -154,7 +153,7 @@ def schedule_figure(schedule: RouterSchedule) -> Figure:
     """The schedule heat-map as a matplotlib figure: per role (heads, MLP groups, …) a steps × units
     image with the blocks side by side (dark = unit computed at that step), then the per-step FLOPs
     ratio against the target λ. Returned so callers and tests can inspect or restyle it."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -194,7 +193,7 @@ def schedule_figure(schedule: RouterSchedule) -> Figure:
 
 def schedule_heatmap(schedule: RouterSchedule, path: str | Path) -> Path:
     """Write `schedule_figure(schedule)` as a PNG."""
-    return _save_figure(schedule_figure(schedule), path)
+    return save_figure(schedule_figure(schedule), path)
 
 
 def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, keys: list[float]) -> Figure:
@@ -204,7 +203,7 @@ def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, ke
 
     `counts` [T, F·h·w] for one sample (frames are averaged), `grid` = (h, w) patches.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import BoundaryNorm, Normalize
 
     h, w = grid
@@ -240,7 +239,7 @@ def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, ke
 def compute_map(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, keys: list[float],
                 path: str | Path) -> Path:
     """Write `compute_figure(...)` as a PNG."""
-    return _save_figure(compute_figure(counts, grid, blocks=blocks, keys=keys), path)
+    return save_figure(compute_figure(counts, grid, blocks=blocks, keys=keys), path)
 
 
 def save_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:

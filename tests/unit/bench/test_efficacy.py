@@ -1,4 +1,4 @@
-"""`dydit-bench efficacy --preset tiny`: the whole pipeline end to end, in seconds."""
+"""`dydit-bench efficacy --preset tiny`: the whole protocol end to end on a toy model (plumbing, not goals)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from dydit_scale.bench import BENCHES, efficacy
+from dydit_scale.bench.efficacy_report import result_goals
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -16,22 +17,57 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_registered() -> None:
+def test_registered_and_help_defines_the_arms() -> None:
     assert BENCHES["efficacy"] == "dydit_scale.bench.efficacy"
+    parser = argparse.ArgumentParser()
+    efficacy.add_arguments(parser)
+    text = parser.format_help()
+    for arm in ("control", "dynamic", "pruned"):
+        assert arm in text
 
 
 @pytest.mark.slow
-def test_tiny_preset_json(tmp_path, capsys) -> None:
+def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     out = tmp_path / "efficacy"
-    assert efficacy.run(_args("--preset", "tiny", "--json", "--out", str(out), "--threads", "2")) == 0
+    # routers that start undecided and learn fast, so that 30 steps move them (the goals need the default preset)
+    common = ("--preset", "tiny", "--json", "--out", str(out), "--threads", "1", "--workers", "2",
+              "--finetune-steps", "30", "--router-lr-scale", "50", "--head-router-bias", "0.5",
+              "--token-router-bias", "0.5")
+    assert efficacy.run(_args(*common)) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads((out / "efficacy.json").read_text())
     assert (out / "efficacy.png").stat().st_size > 0 and (out / "samples.png").is_file()
-    assert result["pretrain"]["steps"] <= 100 and result["finetune_steps_per_lambda"] >= 1
-    (row,) = result["rows"]
-    for key in ("lambda", "flops_ratio", "heldout_loss", "static_heldout_loss", "psnr_vs_static", "speedup"):
-        assert isinstance(row[key], float), key
-    assert row["lambda"] == 0.5
-    assert 0.0 < row["flops_ratio"] < 1.0  # the routers moved and the exported schedule drops units
-    assert row["heldout_loss"] > 0 and row["static_heldout_loss"] > 0 and row["speedup"] > 0
-    assert row["static_heldout_loss"] == result["static_heldout_loss"]
+    assert (out / "static" / "config.json").is_file() and not result["pretrain"]["reused"]
+    assert 0.0 <= result["classifier_accuracy"] <= 1.0
+    for key in ("heldout_loss", "prompt_score", "fd"):
+        assert isinstance(result["static"][key], float) and isinstance(result["control"][key], float)
+    assert result["control"]["steps"] == 30
+    dynamic, pruned = result["rows"]
+    assert (dynamic["arm"], pruned["arm"]) == ("dynamic", "pruned")
+    for row in (dynamic, pruned):
+        assert set(row) >= {"lambda", "arm", "flops_ratio", "heldout_loss", "prompt_score", "fd", "speedup"}
+        assert row["lambda"] == 0.5 and row["speedup"] > 0
+    assert 0.0 < dynamic["flops_ratio"] < 1.0  # the routers moved: the model really skips work
+    assert abs(pruned["flops_ratio"] - dynamic["flops_ratio"]) < 0.15  # pruned to the same FLOPs
+    assert set(result["goal_checks"]) == set(result_goals(result))
+    assert (out / "schedule-lam0.5" / "schedule.safetensors").is_file()
+
+    # --static reuses the saved model; one worker in this process gives the same numbers as two processes
+    again_args = [*common, "--static", str(out / "static")]
+    again_args[again_args.index("--workers") + 1] = "1"
+    assert efficacy.run(_args(*again_args)) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["pretrain"]["reused"]
+    for key in ("heldout_loss", "prompt_score", "fd"):
+        assert again["static"][key] == result["static"][key], key
+    for key in ("flops_ratio", "heldout_loss", "prompt_score", "fd"):
+        assert again["rows"][0][key] == pytest.approx(result["rows"][0][key], rel=1e-5), key
+
+
+def test_static_from_another_preset_is_refused(tmp_path) -> None:
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / efficacy.STATIC_RECORD).write_text(json.dumps({"identity": {"size": 99}, "pretrain": {}}))
+    with pytest.raises(SystemExit, match="was trained for"):
+        efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path / "static")))
+    with pytest.raises(SystemExit, match="no efficacy_static.json"):
+        efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dydit_scale.bench import data, efficacy, infer, train
+from dydit_scale.bench import data, efficacy_report, infer, train
 from dydit_scale.bench.goals import Goal
 
 
@@ -40,13 +40,37 @@ def test_train_table_marks_each_goal() -> None:
         False, True, False]
 
 
-def test_data_infer_efficacy_goals() -> None:
+def _efficacy_result(dyn_loss: float, pruned_loss: float, ratio: float) -> dict:
+    scores = {"heldout_loss": 0.10, "prompt_score": 0.95, "fd": 2.0}
+    dynamic = {"lambda": 0.7, "arm": "dynamic", "flops_ratio": ratio, "heldout_loss": dyn_loss, "prompt_score": 0.94,
+               "fd": 2.1, "train_flops_ratio": 0.71, "schedule_flops_ratio": 0.8, "token_keep_rate": 0.9,
+               "undecided_share": 0.25, "token_undecided_share": 0.1}
+    pruned = {"lambda": 0.7, "arm": "pruned", "flops_ratio": ratio, "heldout_loss": pruned_loss, "prompt_score": 0.9,
+              "fd": 3.0}
+    return {"classifier_accuracy": 0.99, "static": dict(scores), "control": dict(scores), "rows": [dynamic, pruned],
+            "preset": "default", "pretrain": {"reused": True}, "seconds": 1800.0}
+
+
+def test_data_infer_efficacy_goals(capsys) -> None:
     assert data.ratio_goal(0.97).met and not data.ratio_goal(0.93).met
     rows = [{"path": "static", "efficiency": 1.0}, {"path": "fast", "efficiency": 0.85}]
     assert infer.efficiency_goal(rows).mark() == "goal >= 0.90 MISSED"
     rows[1]["efficiency"] = 0.95
     assert infer.efficiency_goal(rows).met
-    row = {"lambda": 0.5, "flops_ratio": 0.52, "heldout_loss_rel": 0.3}
-    assert efficacy._goal_marks(row) == "ratio met, loss MISSED"
-    row.update(flops_ratio=0.6, heldout_loss_rel=0.01)
-    assert efficacy._goal_marks(row) == "ratio MISSED, loss met"
+    goals = efficacy_report.result_goals(_efficacy_result(0.101, 0.12, 0.71))
+    assert all(goal.met for goal in goals.values()), {k: g.value for k, g in goals.items()}
+    assert set(goals) == {"classifier accuracy", "static prompt score", "λ 0.7: |ratio − λ|", "λ 0.7: loss vs control",
+                          "λ 0.7: prompt score vs control", "λ 0.7: loss, pruned − dynamic",
+                          "λ 0.7: FD, pruned − dynamic", "minutes"}
+    result = _efficacy_result(0.15, 0.12, 0.80)  # loss +50 % and worse than pruning; ratio off by 0.10
+    goals = efficacy_report.result_goals(result)
+    missed = {name for name, goal in goals.items() if not goal.met}
+    assert missed == {"λ 0.7: |ratio − λ|", "λ 0.7: loss vs control", "λ 0.7: loss, pruned − dynamic"}
+    result.update(finetune_steps=10, sampler={"samples": 8, "steps": 4, "guidance": 2.0}, out="x")
+    result["pretrain"].update(steps=10)
+    for row in result["rows"]:
+        row["speedup"] = 1.0
+    efficacy_report.print_table(result)
+    lines = capsys.readouterr().out.splitlines()
+    ratio_line = next(line for line in lines if line.startswith("  λ 0.7: |ratio − λ|"))
+    assert "MISSED" in ratio_line and "trained at 0.710" in ratio_line and "|z| < 2: 25%" in ratio_line
