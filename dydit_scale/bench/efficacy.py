@@ -1,18 +1,22 @@
-"""`dydit-bench efficacy`: does a DyDiT fine-tune keep quality at a lower FLOPs ratio, against a matched
-control and static pruning at the same FLOPs?
+"""`dydit-bench efficacy`: quality against FLOPs of DyDiT fine-tunes, beside a control and pruning.
 
-No FID/CLIP weights exist offline, so the bench builds its own task and judges: a stock pixel-space
-`PixArtTransformer2DModel` (8 heads) is pre-trained on captioned shape images whose attributes are
-known, and a small classifier trained on the real images scores samples (prompt score: every
-attribute right; FD on its features). From that static model every arm is fine-tuned with the same
-steps, batches, optimiser and LR:
-  control  the static model, no routers (what fine-tuning alone does to it);
-  dynamic  `make_dynamic` per λ: TDW heads + MLP groups and SDT tokens, the FLOPs loss with λ held
-           at 1 and then ramped linearly; scored on the fast path of its exported schedule;
+Does a DyDiT fine-tune keep quality at a lower FLOPs ratio, against a matched control and static
+pruning at the same FLOPs?
+
+No FID/CLIP weights exist offline, so the bench makes its own task and judge. A stock pixel-space
+`PixArtTransformer2DModel` (8 heads, rectified flow, 10 % null captions for classifier-free
+guidance) is pre-trained on captioned shape images whose four attributes are known; a small
+classifier trained on the real images scores samples: prompt score = share of samples with every
+attribute right, FD = Fréchet distance of its features to held-out real images. Every arm starts
+from that static model and is fine-tuned with the same steps, batches, optimiser and constant LR:
+  control  the static model, no routers: what fine-tuning alone does to it;
+  dynamic  per λ, `make_dynamic` with TDW heads + MLP groups and SDT tokens, the recipe's router
+           defaults, the FLOPs loss with λ_eff held at 1 and then ramped to λ; scored on the fast
+           path of its exported schedule, FLOPs as realised on held-out data (token keep rate in);
   pruned   per λ, the lowest-magnitude heads and MLP groups removed for good until the analytic
-           FLOPs ratio equals the dynamic arm's realised one (the paper's Table 1 comparison).
-Writes efficacy.json, efficacy.png (Pareto: FLOPs ratio against held-out loss, prompt score, FD)
-and samples.png (one labelled row per arm, one column per prompt).
+           FLOPs ratio equals the dynamic arm's realised one (the paper's comparison with pruning).
+Writes efficacy.json, efficacy.png (Pareto: FLOPs ratio against held-out loss, prompt score, FD),
+samples.png (one labelled row per arm, one column per prompt) and each λ's schedule.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import torch
 from torch import nn
 
 from dydit_scale.bench.efficacy_arms import Setting, rebuild, run_arms
-from dydit_scale.bench.efficacy_data import Data, make_data
+from dydit_scale.bench.efficacy_data import Data, fresh_images, make_data
 from dydit_scale.bench.efficacy_eval import Prompts, Scorer, euler_time_keys, step_seconds
 from dydit_scale.bench.efficacy_report import print_table, result_goals, save_pictures
-from dydit_scale.bench.efficacy_score import train_classifier
+from dydit_scale.bench.efficacy_score import features, frechet_distance, train_classifier
 from dydit_scale.bench.efficacy_train import HeldOut, build_static, pretrain
 from dydit_scale.bench.goals import goal_checks
 from dydit_scale.config import DynamicConfig
@@ -46,10 +50,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  pretrain_steps=30, classifier_steps=40, lambdas=[0.5], samples=8, sample_steps=4, guidance=2.0,
                  shown=4,
                  help="16² images, 4 heads × 4, 2 blocks, 30 steps, λ = 0.5 (plumbing only, for tests)"),
-    "default": dict(size=32, heads=8, head_dim=8, layers=4, patch=4, batch=32, count=10000, heldout=512, lr=1e-3,
-                    pretrain_steps=2000, classifier_steps=600, lambdas=[0.9, 0.7, 0.5, 0.3], samples=256,
+    "default": dict(size=16, heads=8, head_dim=8, layers=4, patch=2, batch=32, count=10000, heldout=512, lr=2e-3,
+                    pretrain_steps=4000, classifier_steps=1200, lambdas=[0.9, 0.7, 0.5, 0.3], samples=256,
                     sample_steps=20, guidance=3.0, shown=8,
-                    help="32² images (64 tokens), 8 heads × 8, 4 blocks, 2000 steps, λ ∈ {0.9, 0.7, 0.5, 0.3}"),
+                    help="16² images, patch 2 (64 tokens), 8 heads × 8, 4 blocks, 4000 steps, "
+                         "λ ∈ {0.9, 0.7, 0.5, 0.3}"),
 }
 _DEFAULTS = DynamicConfig()
 STATIC_RECORD = "efficacy_static.json"
@@ -130,7 +135,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pick = torch.randint(0, data.held_x.shape[0], (p["samples"],), generator=g)
     noise = torch.randn((p["samples"], 3, p["size"], p["size"]), generator=g)
     prompts = Prompts(data.held_c[pick], data.held_y[pick], noise)
-    static_scores, static_images = Scorer(held, classifier, keys.sampler, prompts, p["guidance"])(static, static)
+    score = Scorer(held, classifier, keys.sampler, prompts, p["guidance"])
+    static_scores, static_images = score(static, static)
+    fresh = fresh_images(p["count"] + p["heldout"], p["samples"], p["size"], args.seed)
+    fd_real = frechet_distance(features(classifier, fresh), score.real_features)
     lambdas = args.lambdas or p["lambdas"]
     setting = Setting(args, p, str(folder), classifier.state_dict(), prompts, args.finetune_steps or pre["steps"])
     results = run_arms(setting, lambdas, args.workers)
@@ -145,7 +153,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                      "s_per_step": seconds[name]})
     images = {"static": static_images, "control": results["control", None]["images"]}
     images |= {f"{arm} λ={lam}": results[arm, lam]["images"] for arm in ("dynamic", "pruned") for lam in lambdas}
-    result = {"classifier_accuracy": classifier_info["accuracy"], "classifier": classifier_info,
+    result = {"classifier_accuracy": classifier_info["accuracy"], "classifier": classifier_info, "fd_real": fd_real,
               "static": static_scores | {"s_per_step": seconds["static"]},
               "control": results["control", None]["row"], "rows": rows, "preset": args.preset,
               "pretrain": pre, "finetune_steps": setting.steps,

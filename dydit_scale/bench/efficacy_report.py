@@ -66,6 +66,10 @@ def _cause(name: str, result: dict[str, Any]) -> str:
                 f"tokens kept {row['token_keep_rate']:.0%}; router logits |z| < 2: "
                 f"{row['undecided_share']:.0%} (width), {row['token_undecided_share']:.0%} (tokens)")
     pruned = _pruned(result, lam)
+    if "FD" in name:
+        return (f"FD {row['fd']:.2f} (dynamic, {row['flops_ratio']:.3f} FLOPs) against {pruned['fd']:.2f} (pruned, "
+                f"{pruned['flops_ratio']:.3f}): a gap below {result['fd_real']:.2f}, the FD of {result['sampler']['samples']} "
+                "fresh real images, is sampling noise")
     return (f"dynamic at {row['flops_ratio']:.3f}: loss {row['heldout_loss']:.4f}, prompt {row['prompt_score']:.1%}, "
             f"FD {row['fd']:.2f}; pruned at {pruned['flops_ratio']:.3f}: loss {pruned['heldout_loss']:.4f}, "
             f"FD {pruned['fd']:.2f}; control loss {result['control']['heldout_loss']:.4f}, "
@@ -77,7 +81,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"preset {result['preset']}: static model {'loaded' if pre['reused'] else 'pre-trained'} "
           f"({pre['steps']} steps); every arm fine-tuned {result['finetune_steps']} steps; "
           f"{sampler['samples']} samples per arm, Euler {sampler['steps']} steps, guidance {sampler['guidance']}; "
-          f"classifier accuracy {result['classifier_accuracy']:.1%}")
+          f"classifier accuracy {result['classifier_accuracy']:.1%}; FD of fresh real images {result['fd_real']:.2f}")
     print(f"{'arm':<9}{'λ':>5}{'FLOPs':>8}{'loss':>9}{'Δ ctrl':>8}{'prompt':>8}{'FD':>8}{'speed-up':>9}")
     control = result["control"]
     lines = [("static", None, 1.0, result["static"], 1.0), ("control", None, 1.0, control, None)]
@@ -87,6 +91,12 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{arm:<9}{'' if lam is None else f'{lam:.2f}':>5}{ratio:>8.3f}{r['heldout_loss']:>9.4f}"
               f"{delta:>7.1f}%{100 * r['prompt_score']:>7.1f}%{r['fd']:>8.2f}"
               f"{'' if speedup is None else f'{speedup:.2f}×':>9}")
+    print(f"{'dynamic':<9}{'λ':>5}{'realised':>10}{'width only':>12}{'training':>10}{'tokens kept':>13}"
+          f"{'|z| < 2 width / tokens':>24}")
+    for r in (r for r in result["rows"] if r["arm"] == "dynamic"):
+        print(f"{'':<9}{r['lambda']:>5.2f}{r['flops_ratio']:>10.3f}{r['schedule_flops_ratio']:>12.3f}"
+              f"{r['train_flops_ratio']:>10.3f}{r['token_keep_rate']:>13.1%}"
+              f"{r['undecided_share']:>15.1%} / {r['token_undecided_share']:.1%}")
     print("goals:")
     for name, goal in result_goals(result).items():
         line = f"  {name}: {goal.value:.4g} {goal.mark()}"

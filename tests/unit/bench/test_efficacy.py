@@ -38,7 +38,7 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     assert result == json.loads((out / "efficacy.json").read_text())
     assert (out / "efficacy.png").stat().st_size > 0 and (out / "samples.png").is_file()
     assert (out / "static" / "config.json").is_file() and not result["pretrain"]["reused"]
-    assert 0.0 <= result["classifier_accuracy"] <= 1.0
+    assert 0.0 <= result["classifier_accuracy"] <= 1.0 and result["fd_real"] >= 0.0
     for key in ("heldout_loss", "prompt_score", "fd"):
         assert isinstance(result["static"][key], float) and isinstance(result["control"][key], float)
     assert result["control"]["steps"] == 30

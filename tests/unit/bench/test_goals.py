@@ -47,7 +47,7 @@ def _efficacy_result(dyn_loss: float, pruned_loss: float, ratio: float) -> dict:
                "undecided_share": 0.25, "token_undecided_share": 0.1}
     pruned = {"lambda": 0.7, "arm": "pruned", "flops_ratio": ratio, "heldout_loss": pruned_loss, "prompt_score": 0.9,
               "fd": 3.0}
-    return {"classifier_accuracy": 0.99, "static": dict(scores), "control": dict(scores), "rows": [dynamic, pruned],
+    return {"classifier_accuracy": 0.99, "fd_real": 1.0, "static": dict(scores), "control": dict(scores), "rows": [dynamic, pruned],
             "preset": "default", "pretrain": {"reused": True}, "seconds": 1800.0}
 
 
