@@ -31,19 +31,16 @@ def _synth(args: argparse.Namespace) -> int:
     return synth_model.run_model(args) if args.tiny_model else synth_shards.run_shards(args)
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
-    """The command list in the description keeps its layout; every option shows its default."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dydit-data", description=__doc__, formatter_class=_Help)
+    parser = argparse.ArgumentParser(prog="dydit-data", description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show third-party warnings that are filtered as known noise")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)
-    synth = commands.add_parser("synth", help="synthetic shards or a tiny random-init model folder", formatter_class=_Help)
+    synth = commands.add_parser("synth", help="synthetic shards or a tiny random-init model folder",
+                                formatter_class=DefaultsHelpFormatter)
     synth.add_argument("out", help="output folder")
     synth_model.add_model_arguments(synth)
     synth_shards.add_shard_arguments(synth, with_out=False)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dydit_scale.bench.efficacy_arms import Setting, rebuild, run_arms
-from dydit_scale.bench.efficacy_data import Data, fresh_images, make_data
+from dydit_scale.bench.efficacy_data import Data, make_data, redraw
 from dydit_scale.bench.efficacy_eval import Prompts, Scorer, euler_time_keys, step_seconds
 from dydit_scale.bench.efficacy_report import print_table, result_goals, save_pictures
 from dydit_scale.bench.efficacy_score import features, frechet_distance, train_classifier
@@ -40,6 +40,7 @@ from dydit_scale.bench.efficacy_train import HeldOut, build_static, pretrain
 from dydit_scale.bench.goals import goal_checks
 from dydit_scale.config import DynamicConfig
 from dydit_scale.diffusion import FlowMatchingObjective
+from dydit_scale.io import atomic_write_json
 
 __all__ = ["PRESETS", "add_arguments", "measure", "run"]
 
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="default",
                         help="; ".join(f"{k}: {v['help']}" for k, v in PRESETS.items()))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--out", default="runs/efficacy", help="folder for efficacy.json, the PNGs and the static model")
+    parser.add_argument("--out", default="runs/efficacy",
+                        help="folder for efficacy.json, the PNGs and the static model")
     parser.add_argument("--static", default=None, metavar="DIR",
                         help="a static model saved by an earlier run (its diffusers folder); unset = OUT/static, "
                              "pre-trained there unless it already holds this preset's model")
@@ -115,7 +117,8 @@ def _static_model(args: argparse.Namespace, p: dict[str, Any], data: Data,
     info = pretrain(model, data, held, batch=p["batch"], lr=p["lr"], steps=steps,
                     eval_every=max(1, steps // 10), decay_fraction=0.2, seed=args.seed)
     model.eval().save_pretrained(folder)
-    record.write_text(json.dumps({"identity": identity | {"pretrain_steps": steps}, "pretrain": info}, indent=2))
+    # written last and atomically: a folder without it (an interrupted save) is trained again
+    atomic_write_json(record, {"identity": identity | {"pretrain_steps": steps}, "pretrain": info})
     return model, info | {"reused": False}, folder
 
 
@@ -137,8 +140,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     prompts = Prompts(data.held_c[pick], data.held_y[pick], noise)
     score = Scorer(held, classifier, keys.sampler, prompts, p["guidance"])
     static_scores, static_images = score(static, static)
-    fresh = fresh_images(p["count"] + p["heldout"], p["samples"], p["size"], args.seed)
-    fd_real = frechet_distance(features(classifier, fresh), score.real_features)
+    fd_real = frechet_distance(features(classifier, redraw(prompts.labels, p["size"], args.seed)),
+                               score.real_features)
     lambdas = args.lambdas or p["lambdas"]
     setting = Setting(args, p, str(folder), classifier.state_dict(), prompts, args.finetune_steps or pre["steps"])
     results = run_arms(setting, lambdas, args.workers)
@@ -165,7 +168,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["plot"], result["samples_png"] = (str(path) for path in save_pictures(result, images, prompts, p["shown"]))
     result["seconds"] = time.perf_counter() - start
     result["goal_checks"] = goal_checks(result_goals(result))
-    (out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "efficacy.json", result)
     return result
 
 

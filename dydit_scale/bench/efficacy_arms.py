@@ -82,7 +82,7 @@ class _Worker:
                             desc=f"efficacy: pruned λ={lam}")
         scores, images = self.score(model, model)
         row = {"lambda": lam, "arm": "pruned", "flops_ratio": plan.flops_ratio, **scores,
-               "kept_heads": list(plan.heads), "kept_groups": list(plan.groups)}
+               "plan": plan.to_json()}
         return {"row": row, "images": images, "state": model.state_dict(), "plan": plan}
 
     def _dynamic(self, lam: float) -> dict[str, Any]:

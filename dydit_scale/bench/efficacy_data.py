@@ -17,8 +17,7 @@ import torch
 
 from dydit_scale.data.synthetic import COLOURS, draw_scene, scene_background
 
-__all__ = ["ATTRIBUTES", "TEXT_DIM", "TEXT_TOKENS", "Data", "caption_of", "embed_captions", "fresh_images",
-           "make_data"]
+__all__ = ["ATTRIBUTES", "TEXT_DIM", "TEXT_TOKENS", "Data", "caption_of", "embed_captions", "make_data", "redraw"]
 
 #: attribute -> its values; a label is the value's index.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -50,7 +49,6 @@ class Data:
     held_x: torch.Tensor
     held_c: torch.Tensor
     held_y: torch.Tensor
-    held_captions: list[str]
 
 
 def caption_of(labels: list[int] | torch.Tensor) -> str:
@@ -77,9 +75,15 @@ def _sample(index: int, seed: int, size: int) -> tuple[np.ndarray, list[int]]:
     return draw_scene(size, size, scene, scene_background(scene, rng), jitter, _DIAMETER, _PLACES), labels
 
 
-def fresh_images(first: int, count: int, size: int, seed: int) -> torch.Tensor:
-    """`count` more real images from index `first` on (past a `make_data` set: never trained on), [-1, 1]."""
-    pixels = [_sample(i, seed, size)[0] for i in range(first, first + count)]
+def redraw(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """New real images of the scenes `labels` [N, 4] names, with fresh jitter and background, [-1, 1]:
+    what a perfect model would draw for those prompts, so its FD to the held-out set is the floor."""
+    pixels = []
+    for index, row in enumerate(labels.tolist()):
+        rng = random.Random(f"efficacy-redraw:{seed}:{index}")
+        scene = {name: ATTRIBUTES[name][i] for name, i in zip(ATTRIBUTES, row)}
+        jitter = (rng.uniform(-_JITTER, _JITTER), rng.uniform(-_JITTER, _JITTER))
+        pixels.append(draw_scene(size, size, scene, scene_background(scene, rng), jitter, _DIAMETER, _PLACES))
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -88,6 +92,5 @@ def make_data(count: int, heldout: int, size: int, seed: int) -> Data:
     pixels, labels = zip(*(_sample(i, seed, size) for i in range(count + heldout)))
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     y = torch.tensor(labels)
-    captions = [caption_of(row) for row in labels]
-    c = embed_captions(captions, seed)
-    return Data(x[:count], c[:count], y[:count], x[count:], c[count:], y[count:], captions[count:])
+    c = embed_captions([caption_of(row) for row in labels], seed)
+    return Data(x[:count], c[:count], y[:count], x[count:], c[count:], y[count:])

@@ -14,8 +14,8 @@ from dydit_scale.bench.efficacy_score import AttributeClassifier, features, frec
 from dydit_scale.bench.efficacy_train import TIME_SCALE, HeldOut, pixart_forward
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.dynamic.routers import TokenRouter
-from dydit_scale.infer.export import timestep_routers
 from dydit_scale.dynamic.schedule import TimeKeys
+from dydit_scale.infer.export import timestep_routers
 from dydit_scale.infer.keys import build_scheduler
 
 __all__ = ["Prompts", "Scorer", "euler_time_keys", "realised_flops", "sample", "step_seconds", "undecided_share"]

@@ -12,11 +12,11 @@ from fractions import Fraction
 from typing import Any, Literal
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from dydit_scale.dynamic import flops
 from dydit_scale.dynamic.importance import UnitSlice, rank_units
+from dydit_scale.models.adaln_block import head_parts
 
 __all__ = ["PrunePlan", "plan_pruning", "prune_static", "pruned_macs_ratio"]
 
@@ -115,13 +115,6 @@ def plan_pruning(model: nn.Module, target_ratio: float, *, image_tokens: int, te
                      flops_ratio=float(state[2]))
 
 
-def _head_parts(attn: Attention) -> list[UnitSlice]:
-    """The heads of `attn` as `make_dynamic` ranks them: Q/K/V rows and W_O columns."""
-    head_dim = attn.to_q.out_features // attn.heads
-    parts = [UnitSlice(p, True, head_dim) for p in (attn.to_q, attn.to_k, attn.to_v)]
-    return parts + [UnitSlice(attn.to_out[0], False, head_dim)]
-
-
 @torch.no_grad()
 def _select(linear: nn.Linear, index: torch.Tensor, rows: bool) -> nn.Linear:
     """A new Linear with only the output rows (and bias entries) or input columns `index` of `linear`."""
@@ -149,7 +142,7 @@ def prune_static(model: nn.Module, plan: PrunePlan, *, norm: Literal["l1", "l2"]
             raise ValueError(f"prune_static: block {i} has {attn.heads} heads and MLP width {hidden}; the plan "
                              f"needs {plan.total_heads} heads and a width divisible by {plan.total_groups}")
         head_dim = attn.to_q.out_features // attn.heads
-        top = rank_units(_head_parts(attn), attn.heads, norm)[:plan.heads[i]]
+        top = rank_units(head_parts(attn), attn.heads, norm)[:plan.heads[i]]
         index = (top[:, None] * head_dim + torch.arange(head_dim)).flatten()
         attn.to_q, attn.to_k, attn.to_v = (_select(p, index, True) for p in (attn.to_q, attn.to_k, attn.to_v))
         attn.to_out[0] = _select(attn.to_out[0], index, False)

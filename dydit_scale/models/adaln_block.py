@@ -30,7 +30,7 @@ from dydit_scale.models.dynamic_model import (
     timestep_router,
 )
 
-__all__ = ["BlockKind", "DyAdaLNTransformerBlock", "check_adaln_block", "permute_adaln_block"]
+__all__ = ["BlockKind", "DyAdaLNTransformerBlock", "check_adaln_block", "head_parts", "permute_adaln_block"]
 
 #: pixart: PixArt-α block; latte_spatial: rows B·F, tokens S; latte_temporal: rows B·S, tokens F.
 BlockKind = Literal["pixart", "latte_spatial", "latte_temporal"]
@@ -216,7 +216,8 @@ def check_adaln_block(block: BasicTransformerBlock, config: DynamicConfig, where
     mlp_groups(config, block.attn1.heads, block.ff.net[0].proj.out_features, f"{where}.ff")
 
 
-def _head_parts(attn: Attention) -> list[UnitSlice]:
+def head_parts(attn: Attention) -> list[UnitSlice]:
+    """The heads of `attn` as the magnitude ranking sees them: Q/K/V rows and W_O columns."""
     head_dim = attn.to_q.out_features // attn.heads
     parts = [UnitSlice(p, True, head_dim) for p in (attn.to_q, attn.to_k, attn.to_v)]
     return parts + [UnitSlice(attn.to_out[0], False, head_dim)]
@@ -228,7 +229,7 @@ def permute_adaln_block(block: BasicTransformerBlock, config: DynamicConfig,
     attns = {"heads": block.attn1} if config.heads else {}
     if config.cross_attention and block.attn2 is not None:
         attns["cross_heads"] = block.attn2
-    units = {key: (_head_parts(attn), attn.heads) for key, attn in attns.items()}
+    units = {key: (head_parts(attn), attn.heads) for key, attn in attns.items()}
     fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
     units["mlp"] = ([UnitSlice(fc1, True, 1), UnitSlice(fc2, False, 1)], fc1.out_features)
     return permute_block(block, units, config.importance_norm, where)

@@ -47,7 +47,8 @@ def _efficacy_result(dyn_loss: float, pruned_loss: float, ratio: float) -> dict:
                "undecided_share": 0.25, "token_undecided_share": 0.1}
     pruned = {"lambda": 0.7, "arm": "pruned", "flops_ratio": ratio, "heldout_loss": pruned_loss, "prompt_score": 0.9,
               "fd": 3.0}
-    return {"classifier_accuracy": 0.99, "fd_real": 1.0, "static": dict(scores), "control": dict(scores), "rows": [dynamic, pruned],
+    return {"classifier_accuracy": 0.99, "fd_real": 1.0, "static": dict(scores), "control": dict(scores),
+            "rows": [dynamic, pruned],
             "preset": "default", "pretrain": {"reused": True}, "seconds": 1800.0}
 
 
@@ -59,7 +60,8 @@ def test_data_infer_efficacy_goals(capsys) -> None:
     assert infer.efficiency_goal(rows).met
     goals = efficacy_report.result_goals(_efficacy_result(0.101, 0.12, 0.71))
     assert all(goal.met for goal in goals.values()), {k: g.value for k, g in goals.items()}
-    assert set(goals) == {"classifier accuracy", "static prompt score", "λ 0.7: |ratio − λ|", "λ 0.7: loss vs control",
+    assert set(goals) == {"classifier accuracy", "static prompt score", "λ 0.7: |ratio − λ|",
+                          "λ 0.7: loss vs control",
                           "λ 0.7: prompt score vs control", "λ 0.7: loss, pruned − dynamic",
                           "λ 0.7: FD, pruned − dynamic", "minutes"}
     result = _efficacy_result(0.15, 0.12, 0.80)  # loss +50 % and worse than pruning; ratio off by 0.10
