@@ -85,7 +85,8 @@ def _batch(data: Data, objective: FlowMatchingObjective, batch: int, step: int, 
     return x0, text, noise, t, objective.add_noise(x0, noise, t)
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[nn.Parameter]) -> None:
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: list[nn.Parameter]) -> None:
+    """One optimiser step with the gradients of `clip` clipped to norm 1."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(clip, 1.0)
@@ -116,7 +117,7 @@ def pretrain(model: nn.Module, data: Data, held: HeldOut, *, batch: int, lr: flo
             group["lr"] = lr * min(1.0, (step + 1) / warmup, decay)
         x0, text, noise, t, x_t = _batch(data, objective, batch, step, g)
         loss = objective.loss(pixart_forward(model, x_t, t * TIME_SCALE, text), x0, noise, t, x_t).mean()
-        _step(model, opt, loss, list(model.parameters()))
+        _step(opt, loss, list(model.parameters()))
         if (step + 1) % eval_every == 0 and step + 1 < steps:
             curve.append((step + 1, held.loss(model)))
             bar.set_postfix(heldout=f"{curve[-1][1]:.4f}")
@@ -172,7 +173,7 @@ def finetune(model: nn.Module, data: Data, held: HeldOut, *, steps: int, batch: 
                                      ramp_after_hold=True)
             loss = loss + flops_loss(ratio, target, weight=budget.weight, global_mean=False)
             entry.update(flops_ratio=float(ratio.detach().mean()), lambda_eff=target)
-        _step(model, opt, loss, weights)
+        _step(opt, loss, weights)
         log.append(entry)
         if on_step:
             on_step()
