@@ -32,6 +32,7 @@ __all__ = [
     "ConditionedTokenRouter",
     "ForwardState",
     "Router",
+    "router_parameters",
     "TimestepRouter",
     "TokenRouter",
     "broadcast_timestep",
@@ -237,6 +238,19 @@ def broadcast_timestep(model: nn.Module, timestep_embedding: torch.Tensor) -> No
 
 def _routers(model: nn.Module) -> list[Router]:
     return [module for module in model.modules() if isinstance(module, Router)]
+
+
+def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of every router (timestep and token) of `model`, by qualified name.
+
+    Found by module type, not by name, so an adapter or user layer called "router" is never caught.
+    """
+    found = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Router):
+            for name, param in module.named_parameters(prefix=prefix):
+                found[name] = param
+    return found
 
 
 @contextlib.contextmanager

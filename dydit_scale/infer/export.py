@@ -28,7 +28,7 @@ from dydit_scale.infer.runs import TD_LORA_NOT_MERGEABLE, Consolidate, load_run,
 from dydit_scale.infer.runs import save_transformer as write_transformer
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
-from dydit_scale.models.flux import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
+from dydit_scale.models.flux_blocks import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
 
 __all__ = [
     "default_token_shape",

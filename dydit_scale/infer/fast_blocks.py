@@ -24,7 +24,7 @@ from dydit_scale.infer.export import ROLES
 from dydit_scale.infer.sliced import Sliced, attend, kept_rows, slice_linear, unit_index
 from dydit_scale.lora.td_lora import TDLoRALinear
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
-from dydit_scale.models.flux import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
+from dydit_scale.models.flux_blocks import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
 
 __all__ = ["FAST_BLOCKS", "FastAdaLNBlock", "FastFluxDoubleBlock", "FastFluxSingleBlock", "FastState"]
 
