@@ -12,12 +12,12 @@ import argparse
 import io
 import json
 import os
-import sys
 from collections import Counter, defaultdict
 from typing import Any
 
+from data_tools import shard_paths
 from dydit_scale.data.format import (
-    IMAGE_EXTS, VIDEO_EXTS, DataFormatError, expand_shard_spec, sample_kind, write_sizes,
+    IMAGE_EXTS, VIDEO_EXTS, DataFormatError, sample_kind, write_sizes,
 )
 
 
@@ -94,10 +94,8 @@ def shard_stats(path: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Print per-shard and total statistics; optionally write sizes.json."""
-    try:
-        paths = expand_shard_spec(args.shards, where="stats SHARDS")
-    except DataFormatError as exn:
-        print(f"dydit-data stats: {exn}", file=sys.stderr)
+    paths = shard_paths(args.shards, "stats")
+    if paths is None:
         return 2
     shards = {path: shard_stats(path) for path in paths}
     if args.write_sizes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dydit_scale.models.registry import FAMILY_MODULES
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tiny-model", choices=("flux", "pixart", "latte"),
+    parser.add_argument("--tiny-model", choices=tuple(FAMILY_MODULES),
                         help="write a random-init tiny diffusers pipeline of this family to OUT")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from data_tools import shard_paths
 from dydit_scale.data.format import (
-    IMAGE_EXTS, LATENT_EXT, SKIP_REASONS, VIDEO_EXTS, DataFormatError, expand_shard_spec,
+    IMAGE_EXTS, LATENT_EXT, SKIP_REASONS, VIDEO_EXTS, DataFormatError,
     check_size, media_bytes, open_video, read_array, read_caption, read_image, read_meta, sample_kind, shard_sizes,
 )
 
@@ -92,10 +92,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate every shard; print a table or `--json`; 1 if anything is bad, 2 for a bad argument."""
     from tqdm import tqdm
 
-    try:
-        paths = expand_shard_spec(args.shards, where="validate SHARDS")
-    except DataFormatError as exn:
-        print(f"dydit-data validate: {exn}", file=sys.stderr)
+    paths = shard_paths(args.shards, "validate")
+    if paths is None:
         return 2
     shards: dict[str, dict[str, Any]] = {}
     totals: Counter[str] = Counter()

@@ -116,8 +116,8 @@ class LoraConfig(_Section):
 class DataConfig(_Section):
     kind: Literal["image_text", "video_text"] = "image_text"
     """Shard content: image_text (.jpg|.png|.webp + .txt) | video_text (.mp4 + .txt)."""
-    shards: str | list[str] = "runs/tiny_shards"
-    """A folder (its *.tar), a brace pattern, a glob, or a list of those."""
+    shards: str | list[str]
+    """Required. A folder (its *.tar), a brace pattern, a glob, or a list of those."""
     resolution: int = Field(256, ge=8)
     """Target image side in pixels (aspect-ratio buckets keep about resolution² pixels)."""
     batch_size: int = Field(4, ge=1)
@@ -170,6 +170,8 @@ class TrainConfig(_Section):
     """EMA decay of trainable weights (0 = no EMA; the paper uses 0.9999)."""
     timestep_weighting: Literal["none", "logit_normal", "mode", "cosmap"] = "none"
     """FLUX flow matching: timestep density/weighting, as in diffusers' FLUX training."""
+    guidance: float = Field(3.5, ge=0.0)
+    """FLUX with a guidance embedding (guidance-distilled FLUX.1-dev): the value fed to it during training (diffusers' FLUX DreamBooth scripts default to 3.5, some trainers use 1); models without one (FLUX.1-schnell, PixArt, Latte) ignore it. Sampling uses validation.guidance_scale."""
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     """Extra DeepSpeed config keys; keys derived from the recipe (batch sizes, clipping, precision, ZeRO stage) are rejected."""
 
@@ -197,7 +199,7 @@ class LogConfig(_Section):
     tensorboard: bool = True
     """Write TensorBoard event files under the run folder."""
     sample_every_steps: int | None = Field(None, ge=1)
-    """Sample-grid cadence; unset = validation.every_steps."""
+    """Sample-grid cadence in steps (and at the last step); unset = validation.every_steps. The held-out loss keeps validation.every_steps."""
     sample_ledger: bool = False
     """Record every consumed sample key per step and rank in `ledger/rank-R.jsonl` (proves no repeats or gaps across resumes)."""
     verbose: bool = False
@@ -230,8 +232,8 @@ class Recipe(_Section):
     """How the model is made dynamic."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """Parameter-efficient fine-tuning."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    """Training data."""
+    data: DataConfig
+    """Training data (`data.shards` is required)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -318,6 +320,11 @@ def _describe_error(err: dict) -> str:
         hint = difflib.get_close_matches(loc, _known_keys(), n=1, cutoff=0.6)
         return f"{loc}: unknown field" + (f"; did you mean {hint[0]}?" if hint else "")
     if kind == "missing":
+        section = Recipe.model_fields.get(loc)
+        if section is not None and isinstance(section.annotation, type) and issubclass(section.annotation, BaseModel):
+            # a whole section left out: name the field(s) it must give, not the section
+            loc = ", ".join(f"{loc}.{name}" for name, field in section.annotation.model_fields.items()
+                            if field.is_required()) or loc
         return f"{loc}: required field missing"
     if kind in ("value_error", "assertion_error"):
         msg = str(ctx.get("error", err["msg"]))

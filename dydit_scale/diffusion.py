@@ -1,22 +1,23 @@
 """Training objectives: flow matching (FLUX) and DDPM ε-prediction with learned σ (PixArt-α, Latte).
 
-Spec §6.1 (losses), §6.3 (stratified timesteps), §8 (flow matching). No dynamic-width knowledge.
-Both objectives share one interface; `t` is whatever the objective samples (σ ∈ [0, 1) for flow
-matching, integer steps in [0, T) for DDPM) and shapes are generic: x0 / noise / x_t are
-[B, ...] (FLUX packed latents [B, N, C], PixArt [B, C, H, W], Latte [B, C, F, H, W]), t is [B].
+No dynamic-width knowledge. Both objectives share one interface; `t` is whatever the objective
+samples (σ ∈ [0, 1) for flow matching, integer steps in [0, T) for DDPM) and shapes are generic:
+x0 / noise / x_t are [B, ...] (FLUX packed latents [B, N, C], PixArt [B, C, H, W], Latte
+[B, C, F, H, W]), t is [B].
 
-    t = obj.sample_timesteps(B, generator=g, device=dev)   # stratified over 4 bins (§6.3)
+    t = obj.sample_timesteps(B, generator=g, device=dev)   # stratified over 4 bins
     x_t = obj.add_noise(x0, noise, t)
     out = transformer(x_t, timestep=obj.model_timestep(t), ...)
     loss = obj.loss(out, x0, noise, t, x_t)               # [B] fp32, the trainer takes the mean
 
-**Stratification** (spec §6.3): sample i of the micro-batch (global index `first_index + i`, so
-ranks with 1-2 samples can stratify over the global batch, spec P13) draws u uniformly in bin
-(index mod 4) of [0, 1). DDPM: t = floor(T·u), i.e. t ∈ [250k, 250k+250) for T = 1000. Flow matching:
-σ = G(u) with G the quantile function of the configured density, so the 4 bins are the density's
-quartiles and the marginal density is exactly the configured one; for `none`/`cosmap` (uniform
-density) the bins are the σ quarters [0, .25) … [.75, 1). G is monotone, so bin k always holds the
-k-th quarter of the noise range.
+**Stratification** (as the official DyDiT training code does, so that every batch covers the whole
+noise range the batch-mean FLOPs loss allocates its budget over): sample i of the micro-batch
+(global index `first_index + i`, so ranks with 1-2 samples can stratify over the global batch)
+draws u uniformly in bin (index mod 4) of [0, 1). DDPM: t = floor(T·u), i.e. t ∈ [250k, 250k+250)
+for T = 1000. Flow matching: σ = G(u) with G the quantile function of the configured density, so
+the 4 bins are the density's quartiles and the marginal density is exactly the configured one; for
+`none`/`cosmap` (uniform density) the bins are the σ quarters [0, .25) … [.75, 1). G is monotone,
+so bin k always holds the k-th quarter of the noise range.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TIMESTEP_BINS = 4
 def stratified_uniform(batch_size: int, *, bins: int = TIMESTEP_BINS, first_index: int = 0,
                        generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
-    """u [B] (float64) with sample i uniform in bin ((first_index + i) mod bins) of [0, 1) (§6.3)."""
+    """u [B] (float64) with sample i uniform in bin ((first_index + i) mod bins) of [0, 1)."""
     gen_device = generator.device if generator is not None else "cpu"
     index = torch.arange(first_index, first_index + batch_size, device=gen_device) % bins
     jitter = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
@@ -122,7 +123,7 @@ class FlowMatchingObjective:
 class DDPMObjective:
     """DDPM ε-prediction, 1000 linear-β steps (PixArt/DiT); with `learned_sigma` the ADM hybrid loss.
 
-    Hybrid loss (ADM "learn_sigma", used by DiT/PixArt, spec §6.1): per sample
+    Hybrid loss (ADM "learn_sigma", used by DiT/PixArt): per sample
     L = mean‖ε̂ − ε‖² + L_vb, where L_vb (bits/dim) is KL(q(x_{t−1}|x_t,x0) ‖ p(x_{t−1}|x_t)) for t > 0
     and the discretised-Gaussian decoder NLL of x0 for t = 0. p's mean uses the *detached* ε̂ (the
     VB term trains only the variance); its log-variance interpolates log β_t and log β̃_t with
@@ -221,9 +222,10 @@ def _normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor,
 
 def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
                                          log_scales: torch.Tensor) -> torch.Tensor:
-    """log P(x) of data in [−1, 1] quantised to 256 bins under N(means, e^{2·log_scales}) (Ho et al. §3.3).
+    """log P(x) of data in [−1, 1] quantised to 256 bins under N(means, e^{2·log_scales}).
 
-    Edge bins extend to ±∞. Uses the exact normal CDF (ADM uses a tanh approximation).
+    The discretised decoder of Ho et al. 2020 (DDPM), Sec. 3.3. Edge bins extend to ±∞. Uses the
+    exact normal CDF (ADM uses a tanh approximation).
     """
     inv_std = torch.exp(-log_scales)
     upper = inv_std * (x - means + 1.0 / 255.0)

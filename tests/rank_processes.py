@@ -26,5 +26,5 @@ def run_ranks(worker: Callable[..., None], args: tuple, *, nprocs: int = 2, time
 def exit_after_success() -> None:
     """End a rank whose results are written and whose process group is destroyed. Skipping C++
     static destructors avoids a rare abort there ("terminate called without an active exception"
-    from a still-joinable gloo/autograd thread, stack.md §11) after all the work is done."""
+    from a still-joinable gloo/autograd thread) after all the work is done."""
     os._exit(0)

@@ -67,7 +67,8 @@ def _text(key: str, data: bytes) -> str | None:
 
 
 def _bare_loader(urls: list[str], kind: str, args: argparse.Namespace) -> torch.utils.data.DataLoader:
-    """What a user would write with webdataset alone (stack.md §5), doing the same per-sample work."""
+    """What a user would write with webdataset alone (split_by_node/worker, shuffle, decode, batch),
+    doing the same per-sample work."""
     import webdataset as wds
 
     if kind == "image":

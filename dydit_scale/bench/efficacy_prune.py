@@ -1,8 +1,8 @@
 """Static pruning baseline of `dydit-bench efficacy`: the least important self-attention heads and MLP
 channel groups of a PixArt-α transformer removed for good, down to a target FLOPs ratio. The DyDiT
-paper compares DyDiT with pruning methods at equal FLOPs (Table 1); this is that baseline at the FLOPs
-the dynamic arm realised, ranked with the same magnitude criterion as `make_dynamic`, so both start
-from the same notion of importance.
+paper compares DyDiT with pruning methods at equal FLOPs (Sec. 4.2: Figure 3, Table 2); this is
+that baseline at the FLOPs the dynamic arm realised, ranked with the same magnitude criterion as
+`make_dynamic`, so both start from the same notion of importance.
 """
 
 from __future__ import annotations

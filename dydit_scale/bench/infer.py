@@ -30,7 +30,7 @@ from dydit_scale.infer.export import export_schedule
 from dydit_scale.infer.fast import apply_schedule
 from dydit_scale.infer.keys import sampler_time_keys
 from dydit_scale.models.convert import make_dynamic
-from dydit_scale.models.tiny import TINY_TRANSFORMER_CONFIGS
+from dydit_scale.models.registry import get_family
 
 __all__ = ["PRESETS", "add_arguments", "run"]
 
@@ -39,9 +39,9 @@ _DIT_B = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_
               use_additional_conditions=False, norm_type="ada_norm_single")
 #: name -> (family, transformer config, dynamic config, text tokens, help)
 PRESETS: dict[str, tuple[str, dict, dict, int, str]] = {
-    "tiny": ("pixart", TINY_TRANSFORMER_CONFIGS["pixart"], dict(cross_attention=True, tokens=False), 5,
+    "tiny": ("pixart", get_family("pixart").tiny_config, dict(cross_attention=True, tokens=False), 5,
              "tiny PixArt (C = 32, 4 heads, 16 tokens): overheads dominate"),
-    "tiny-flux": ("flux", TINY_TRANSFORMER_CONFIGS["flux"], dict(tokens=False), 5,
+    "tiny-flux": ("flux", get_family("flux").tiny_config, dict(tokens=False), 5,
                   "tiny FLUX (C = 64, 4 heads, 16 + 5 tokens)"),
     "dit-b": ("pixart", _DIT_B, dict(cross_attention=True, tokens=False), 16,
               "DiT-B width (C = 768, 12 heads, 256 tokens, 4 blocks), TDW only"),
@@ -65,12 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _models(preset: str, seed: int) -> tuple[nn.Module, nn.Module]:
     """The stock transformer and its dynamic version with ~half the units on (see module doc)."""
-    import diffusers
-
     family, config, dynamic, _, _ = PRESETS[preset]
-    cls = {"pixart": diffusers.PixArtTransformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family]
     torch.manual_seed(seed)
-    stock = cls(**config).eval()
+    stock = get_family(family).transformer_class(**config).eval()
     model = make_dynamic(copy.deepcopy(stock), DynamicConfig(**dynamic)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -84,23 +81,11 @@ def _models(preset: str, seed: int) -> tuple[nn.Module, nn.Module]:
     return stock, model
 
 
-def _inputs(preset: str, keys: torch.Tensor, batch: int, seed: int) -> list[dict[str, Any]]:
+def _inputs(preset: str, config: Any, keys: torch.Tensor, batch: int, seed: int) -> list[dict[str, Any]]:
     """One keyword-input dict per step: fixed latents and text, the step's key for every sample."""
-    family, config, _, text_tokens, _ = PRESETS[preset]
-    g = torch.Generator().manual_seed(seed)
-    if family == "flux":
-        side = 4
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
-                                         indexing="ij"), dim=-1).reshape(-1, 3)
-        common = dict(hidden_states=torch.randn(batch, side * side, config["in_channels"], generator=g),
-                      encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], generator=g),
-                      pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
-                      img_ids=ids, txt_ids=torch.zeros(text_tokens, 3), guidance=torch.full((batch,), 3.5))
-    else:
-        size = config["sample_size"]
-        common = dict(hidden_states=torch.randn(batch, config["in_channels"], size, size, generator=g),
-                      encoder_hidden_states=torch.randn(batch, text_tokens, config["caption_channels"], generator=g),
-                      added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    family, _, _, text_tokens, _ = PRESETS[preset]
+    common = get_family(family).example_inputs(config, batch=batch, text_tokens=text_tokens,
+                                               generator=torch.Generator().manual_seed(seed))
     return [dict(common, timestep=key.reshape(1).expand(batch), return_dict=False) for key in keys]
 
 
@@ -139,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     stock, dynamic = _models(args.preset, args.seed)
     keys = sampler_time_keys(family, steps=args.steps, resolution=(1024, 1024)).values
     fast = apply_schedule(copy.deepcopy(dynamic), export_schedule(dynamic, keys))
-    steps = _inputs(args.preset, keys, args.batch, args.seed)
+    steps = _inputs(args.preset, stock.config, keys, args.batch, args.seed)
     paths = {"static": stock, "masked": dynamic, "fast": fast}
     ratios: dict[str, list[float]] = {"masked": [], "fast": []}
     outputs = {name: _warm_up(model, steps, ratios.get(name)) for name, model in paths.items()}

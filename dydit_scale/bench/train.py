@@ -1,6 +1,6 @@
 """Training cost of dynamic width: masked dynamic step ÷ static step, and TD-LoRA vs full fine-tuning.
 
-Side by side in one run on the same model and inputs (architecture: ratios, never absolute timings):
+Side by side in one run on the same model and inputs, as ratios (they carry across machines):
 - step time (forward + backward + AdamW) of the stock diffusers transformer vs the same weights made
   dynamic (masked training path, every router live), the two taking turns step by step — goal ≤ 1.10;
 - peak training memory (weights + gradients + optimizer state + activations, batch 1) and trainable
@@ -24,14 +24,15 @@ import torch
 
 from dydit_scale.bench.goals import Goal, goal_checks
 from dydit_scale.config import DynamicConfig, LoraConfig
+from dydit_scale.dynamic.routers import router_parameters
 from dydit_scale.lora import apply_td_lora
 from dydit_scale.models.build import dynamic_blocks, timestep_embedding_dim
 from dydit_scale.models.convert import make_dynamic
-from dydit_scale.models.tiny import TINY_TRANSFORMER_CONFIGS
+from dydit_scale.models.registry import get_family
 
 #: preset -> PixArt-α transformer config (cross-attention + adaLN-single blocks, DDPM)
 PRESETS: dict[str, dict] = {
-    "tiny": TINY_TRANSFORMER_CONFIGS["pixart"],
+    "tiny": get_family("pixart").tiny_config,
     "dit-b": dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
                   cross_attention_dim=768, sample_size=32, patch_size=2, norm_num_groups=1, caption_channels=768,
                   use_additional_conditions=False, norm_type="ada_norm_single"),
@@ -129,9 +130,8 @@ def _peak_memory_child(preset: str, mode: str, steps: int) -> dict:
             lora = LoraConfig()
             apply_td_lora(model, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, experts=lora.groups,
                           cond_dim=timestep_embedding_dim(model), block_prefixes=dynamic_blocks(model))
-            for name, param in model.named_parameters():
-                if "router" in name:
-                    param.requires_grad_(True)
+            for param in router_parameters(model).values():
+                param.requires_grad_(True)
         inputs = {k: v[:1] if torch.is_tensor(v) else v for k, v in _inputs(model).items()}
         if cuda:
             model, inputs = model.cuda(), {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}

@@ -1,4 +1,4 @@
-"""The shard format, defined once for the loader and for `dydit-data` (architecture §2.8).
+"""The shard format, defined once for the loader and for `dydit-data`.
 
 A shard is a plain tar written by `webdataset.ShardWriter`. A sample is the group of members that
 share a key (`{key}.{ext}`); keys never contain dots because webdataset splits the name at the first
@@ -14,6 +14,9 @@ Each shard folder holds `sizes.json` (`{"shard-000000.tar": n, ...}`, open_clip-
 loaders know sample counts without reading the tars. The readers below are the *acceptance test* of a
 sample: the loader and `dydit-data validate` call the same functions, so a shard that validates
 clean never produces a skip in training.
+
+The loader yields one batch type per sample kind (`ImageBatch`, `VideoBatch`, `LatentBatch`, together
+`Batch`); `batch_kind` tells which one a batch is, and the trainer dispatches on it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import os
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, Union
 
 import numpy as np
 
@@ -38,7 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_EXTS", "VIDEO_EXTS", "CAPTION_EXT", "META_EXT", "LATENT_EXT", "TEXT_EMB_EXT",
     "POOLED_EXT", "TEXT_MASK_EXT", "SIZES_FILE", "SKIP_REASONS", "SkipReason", "DataFormatError",
-    "ImageBatch", "VideoBatch", "LatentBatch", "expand_shard_spec", "read_sizes", "write_sizes",
+    "ImageBatch", "VideoBatch", "LatentBatch", "Batch", "BatchKind", "BATCH_MEDIA", "batch_kind",
+    "expand_shard_spec", "read_sizes", "write_sizes",
     "shard_sizes", "sample_kind", "media_bytes", "read_caption", "read_meta", "read_image", "open_video",
     "check_size", "read_array", "shard_pattern",
 ]
@@ -101,6 +105,22 @@ class LatentBatch(TypedDict, total=False):
     keys: list[str]
     meta: list[dict[str, Any]]
     skipped: dict[str, int]
+
+
+#: A batch as the loader yields it (`image_text.collate` stacks one bucket of one sample kind).
+Batch = Union[ImageBatch, VideoBatch, LatentBatch]
+BatchKind = Literal["image", "video", "latent"]
+#: The member only batches of each kind carry: pixels, frames, or pre-encoded latents.
+BATCH_MEDIA: Final[dict[str, str]] = {"image": "pixels", "video": "video", "latent": "latents"}
+
+
+def batch_kind(batch: Batch | dict[str, Any]) -> BatchKind:
+    """Which of the three batch types `batch` is, by the media member it carries (`BATCH_MEDIA`)."""
+    found = [kind for kind, member in BATCH_MEDIA.items() if member in batch]
+    if len(found) != 1:
+        raise DataFormatError(f"a batch carries exactly one of {', '.join(BATCH_MEDIA.values())}; "
+                              f"got {', '.join(sorted(k for k in batch if not k.startswith('_'))) or 'none'}")
+    return found[0]  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +278,7 @@ def open_video(data: bytes, *, min_frames: int = 1) -> decord.VideoReader:
     """Open an mp4 from bytes with decord and check its frame count (`video_too_short`).
 
     Nothing is decoded yet (the caller decodes the frames it needs and checks their size with
-    `check_size`). decord cannot read 16 or 48 px wide videos (stack.md §5): `decode_error`.
+    `check_size`). decord 0.6 cannot read 16 or 48 px wide videos: `decode_error`.
     """
     import decord
 

@@ -1,6 +1,6 @@
 """`build_loader()`: the streaming loader the trainer iterates, with skip counts and exact resume.
 
-Pipeline, top to bottom (architecture §2.8): shard list (seed, epoch) → split_by_node →
+Pipeline, top to bottom: shard list (seed, epoch) → split_by_node →
 split_by_worker → tarfile_to_samples → shuffle → decode + transform (handler counts) → bucket
 batches. Planning lives in `shards.py`, the per-worker stream in `stream.py`.
 

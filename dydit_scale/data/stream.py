@@ -13,7 +13,8 @@ that keep a `Cursor`, the whole resume state of a worker:
 
 On resume the buffered and pending samples are re-read from their shards (a few, near the current
 one), the source restarts at the next position, skipping whole shards, and the rest is identical to
-an uninterrupted run, key for key and skip for skip (architecture §2.8, decision 5).
+an uninterrupted run, key for key and skip for skip (a test compares the keys after a resume with
+those of an uninterrupted run).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Used by `dydit-data synth --shards`, `dydit-bench data` and the tests. The image
 shape of a given colour, size and place on a plain background, with the caption naming all four
 ("a small red circle at the top left"), in the vocabulary the tiny tokenizers are trained on
 (`models/tiny.py`), so a tiny model can actually learn something in the CPU demo. Videos show the
-shape drifting; they are ≥ 64 px wide because decord cannot read 16 or 48 px widths (stack.md §5).
+shape drifting; they are ≥ 64 px wide because decord 0.6 fails on 16 and 48 px wide videos.
 """
 
 from __future__ import annotations

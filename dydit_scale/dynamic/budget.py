@@ -1,8 +1,8 @@
-"""The FLOPs-constrained loss and its target warm-up (method.md §6.2, P13, P19).
+"""The FLOPs-constrained loss (Eq. (6) of the DyDiT paper) and its target warm-up.
 
-L_FLOPs = w·(mean_b r_b − λ_eff)², with w = 2 (official code; the paper uses 1) and the mean taken
-over the *global* batch when a process group is initialised (P13: one or two samples per GPU under
-ZeRO-3 would make a per-rank mean noisy).
+L_FLOPs = w·(mean_b r_b − λ_eff)², with w = 2 (official code; the paper uses 1), computed in fp32,
+and the mean taken over the *global* batch when a process group is initialised (one or two samples
+per GPU under ZeRO-3 would make a per-rank mean noisy).
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def _batch_mean(ratio: Tensor, global_mean: bool) -> Tensor:
 
 
 def flops_loss(ratio: Tensor, target: float, weight: float = 2.0, *, global_mean: bool = True) -> Tensor:
-    """FLOPs loss w·(mean_b r_b − λ_eff)² in fp32 (§6.2, Eq. 6 with the code's weight 2).
+    """FLOPs loss w·(mean_b r_b − λ_eff)² in fp32 (Eq. (6) with the code's weight 2).
 
     Args:
         ratio: per-sample FLOPs ratios r_b [B] from :func:`dydit_scale.dynamic.flops.flops_ratio`.
         target: λ_eff, e.g. from :func:`target_ratio_at`.
-        global_mean: average over all data-parallel ranks when a process group is initialised (P13);
-            False gives the official per-GPU mean.
+        global_mean: average over all data-parallel ranks when a process group is initialised (a
+            per-rank mean of 1-2 samples is noisy); False gives the official per-GPU mean.
     """
     if ratio.dim() != 1 or ratio.numel() == 0:
         raise ValueError(f"flops_loss: ratio must have shape [B] with B > 0, got {tuple(ratio.shape)}")
@@ -62,7 +62,7 @@ def flops_loss(ratio: Tensor, target: float, weight: float = 2.0, *, global_mean
 def target_ratio_at(
     step: int, *, target: float, warmup_steps: int, hold_steps: int, ramp_after_hold: bool = False
 ) -> float:
-    """λ_eff at optimiser step `step` (0-based); default: the official code's schedule (§6.2).
+    """λ_eff at optimiser step `step` (0-based); default: the official code's schedule.
 
     λ_eff = 1 for step < hold_steps (100 in the code); otherwise 1 − (1 − λ)·(step − s)/K while
     step − s < K = warmup_steps, then λ. In the code the ramp starts at s = 0, so at step =

@@ -1,7 +1,7 @@
-"""Analytic MACs of DyDiT blocks and the per-sample FLOPs ratio of the last forward (method.md §5).
+"""Analytic MACs of DyDiT blocks and the per-sample FLOPs ratio of the last forward.
 
 Everything is counted in multiply-accumulates (MACs, the DiT convention: DiT-XL/2 = 118.6 "GFLOPs").
-Counted (§5.1): the Q/K/V/O projections, the two attention matmuls QKᵀ and A·V, the MLP fc1/fc2.
+Counted: the Q/K/V/O projections, the two attention matmuls QKᵀ and A·V, the MLP fc1/fc2.
 Not counted: softmax, norms, activations, adaLN modulation, routers, embedders, patch/final layers.
 The MLP is the plain two-matmul one (fc1 C → D, fc2 D → C); a gated MLP (GEGLU) is not covered.
 
@@ -11,17 +11,18 @@ them, so the FLOPs loss reaches the routers through the straight-through masks. 
 the results are exact ints.
 
 Heads: ``heads`` is always the *total* head count H and ``active_heads`` the active count ĥ
-(default H). The formulas that take ``head_dim`` depend on ĥ only, so a caller passing the active
-count as ``heads`` gets the same number; only :func:`dit_block_macs` derives C_H = C/H from ``heads``.
-``cross_heads`` (PixArt, Latte) is the *active* cross-attention head count; None keeps
-cross-attention static at full width.
+(default H); the formulas depend on ĥ only. ``cross_heads`` (PixArt, Latte) is the *active*
+cross-attention head count; None keeps cross-attention static at full width.
+
+:func:`block_macs` is the one dispatch from a block kind (``LayerEntry.kind``) to its formula: the
+dynamic blocks and the router schedules both count through it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import reduce
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +31,15 @@ from torch import Tensor, nn
 Count = int | float | Tensor
 
 __all__ = [
-    "Count", "DynamicMacs", "self_attention_macs", "cross_attention_macs", "mlp_macs",
-    "dit_block_macs", "flux_double_block_macs", "flux_single_block_macs", "pixart_block_macs",
+    "BLOCK_KINDS", "Count", "active_units", "block_macs", "self_attention_macs", "cross_attention_macs",
+    "mlp_macs", "flux_double_block_macs", "flux_single_block_macs", "pixart_block_macs",
     "latte_spatial_block_macs", "latte_temporal_block_macs", "flops_ratio",
 ]
+
+#: The block kinds :func:`block_macs` knows; a layer table's ``kind`` is one of them.
+BLOCK_KINDS = ("flux_double", "flux_single", "pixart", "latte_spatial", "latte_temporal")
+#: Roles whose mask counts active heads; the other roles (mlp, text_mlp) count kept group fractions.
+HEAD_ROLES = ("heads", "cross_heads")
 
 
 def _active(active: Count | None, total: Count) -> Count:
@@ -59,7 +65,7 @@ def _hidden(width: int, mlp_ratio: float) -> int:
 def self_attention_macs(
     *, tokens: Count, width: int, head_dim: int, heads: int, active_heads: Count | None = None
 ) -> Count:
-    """Self-attention MACs per sample: ĥ·C_H·(4·C·N + 2·N²) (§5.2, A = 4NC² + 2N²C at full width).
+    """Self-attention MACs per sample: ĥ·C_H·(4·C·N + 2·N²) (A = 4NC² + 2N²C at full width).
 
     Q/K/V project C → ĥC_H and O projects ĥC_H → C on all N tokens (4·N·C·ĥC_H); QKᵀ and A·V cost
     N²·ĥC_H each.
@@ -69,16 +75,10 @@ def self_attention_macs(
 
 
 def cross_attention_macs(
-    *,
-    tokens: Count,
-    context_tokens: Count,
-    width: int,
-    context_width: int | None = None,
-    head_dim: int,
-    heads: int,
-    active_heads: Count | None = None,
+    *, tokens: Count, context_tokens: Count, width: int, context_width: int | None = None, head_dim: int,
+    heads: int, active_heads: Count | None = None,
 ) -> Count:
-    """Cross-attention MACs per sample: ĥC_H·(2·C·N + 2·C_ctx·M + 2·N·M) (§5.3, PixArt-α).
+    """Cross-attention MACs per sample: ĥC_H·(2·C·N + 2·C_ctx·M + 2·N·M) (PixArt-α's text attention).
 
     Q and O act on the N tokens (width C), K and V on the M context tokens (width C_ctx, default C);
     the core costs 2·N·M·ĥC_H. At full width with C_ctx = C: 2NC² + 2MC² + 2NMC.
@@ -90,53 +90,19 @@ def cross_attention_macs(
 
 
 def mlp_macs(*, width: int, hidden: int, tokens: Count, group_fraction: Count = 1) -> Count:
-    """MLP MACs per sample: 2·C·D·(ĝ/G)·ñ (§5.2, M = 8NC² at D = 4C, ĝ = G, ñ = N).
+    """MLP MACs per sample: 2·C·D·(ĝ/G)·ñ (M = 8NC² at D = 4C, ĝ = G, ñ = N).
 
     ``tokens`` is the number of tokens that run the MLP (ñ after SDT), ``group_fraction`` ĝ/G.
     """
     return 2 * width * hidden * group_fraction * tokens
 
 
-def dit_block_macs(
-    *,
-    tokens: Count,
-    width: int,
-    heads: int,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
-    group_fraction: Count = 1,
-    active_tokens: Count | None = None,
-) -> Count:
-    """DiT block MACs per sample: (ĥ/H)·A + (ĝ/G)·(ñ/N)·M (§5.2), C_H = C/H.
-
-    Attention always sees all N tokens; SDT only shortens the MLP (§3.1).
-    """
-    if width % heads:
-        raise ValueError(f"width {width} must be a multiple of heads {heads}")
-    attn = self_attention_macs(
-        tokens=tokens, width=width, head_dim=width // heads, heads=heads, active_heads=active_heads
-    )
-    mlp = mlp_macs(
-        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
-        tokens=_active(active_tokens, tokens),
-    )
-    return attn + mlp
-
-
 def flux_double_block_macs(
-    *,
-    image_tokens: int,
-    text_tokens: int,
-    width: int,
-    head_dim: int,
-    heads: int,
-    image_group_fraction: Count = 1,
-    text_group_fraction: Count = 1,
-    active_image_tokens: Count | None = None,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
+    *, image_tokens: int, text_tokens: int, width: int, head_dim: int, heads: int,
+    image_group_fraction: Count = 1, text_group_fraction: Count = 1, active_image_tokens: Count | None = None,
+    mlp_ratio: float = 4, active_heads: Count | None = None,
 ) -> Count:
-    """FLUX double-stream block MACs per sample (§5.3, §9.2).
+    """FLUX double-stream block MACs per sample.
 
     Joint attention over N = N_i + N_t tokens, one head mask for both streams:
     ĥC_H·(4·C·N + 2·N²). Image FFN 2·C·D·(ĝ_i/G)·ñ_i (token-routed), text FFN 2·C·D·(ĝ_t/G)·N_t.
@@ -156,18 +122,10 @@ def flux_double_block_macs(
 
 
 def flux_single_block_macs(
-    *,
-    image_tokens: int,
-    text_tokens: int,
-    width: int,
-    head_dim: int,
-    heads: int,
-    group_fraction: Count = 1,
-    active_image_tokens: Count | None = None,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
+    *, image_tokens: int, text_tokens: int, width: int, head_dim: int, heads: int, group_fraction: Count = 1,
+    active_image_tokens: Count | None = None, mlp_ratio: float = 4, active_heads: Count | None = None,
 ) -> Count:
-    """FLUX single-stream block MACs per sample (§5.3, §9.3).
+    """FLUX single-stream block MACs per sample.
 
     qkv = 3·C·ĥC_H·N and core = 2·N²·ĥC_H for all N tokens; proj_mlp = C·D·(ĝ/G)·ñ and the fused
     proj_out = C·(ĥC_H + D·ĝ/G)·ñ only for the ñ = N_t + ñ_i tokens that update the residual. A
@@ -186,56 +144,32 @@ def flux_single_block_macs(
 
 
 def pixart_block_macs(
-    *,
-    tokens: Count,
-    context_tokens: int,
-    width: int,
-    head_dim: int,
-    heads: int,
-    group_fraction: Count = 1,
-    active_tokens: Count | None = None,
-    cross_heads: Count | None = None,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
-    context_width: int | None = None,
+    *, tokens: Count, context_tokens: int, width: int, head_dim: int, heads: int, group_fraction: Count = 1,
+    active_tokens: Count | None = None, cross_heads: Count | None = None, mlp_ratio: float = 4,
+    active_heads: Count | None = None, context_width: int | None = None,
 ) -> Count:
-    """PixArt-α block MACs per sample (§5.3, §10): self-attn + cross-attn to M_c tokens + MLP.
+    """PixArt-α block MACs per sample: self-attn + cross-attn to M_c tokens + MLP, i.e. a Latte
+    spatial block of one frame. Without context tokens it is a DiT block: (ĥ/H)·A + (ĝ/G)·(ñ/N)·M.
 
     ``cross_heads`` is the active cross-attention head count (None: static, all ``heads``).
     """
-    self_attn = self_attention_macs(
-        tokens=tokens, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
+    return latte_spatial_block_macs(
+        frames=1, tokens_per_frame=tokens, context_tokens=context_tokens, width=width, head_dim=head_dim,
+        heads=heads, group_fraction=group_fraction, active_tokens=active_tokens, cross_heads=cross_heads,
+        mlp_ratio=mlp_ratio, active_heads=active_heads, context_width=context_width,
     )
-    cross_attn = cross_attention_macs(
-        tokens=tokens, context_tokens=context_tokens, width=width, context_width=context_width,
-        head_dim=head_dim, heads=heads, active_heads=cross_heads,
-    )
-    mlp = mlp_macs(
-        width=width, hidden=_hidden(width, mlp_ratio), group_fraction=group_fraction,
-        tokens=_active(active_tokens, tokens),
-    )
-    return self_attn + cross_attn + mlp
 
 
 def latte_spatial_block_macs(
-    *,
-    frames: int,
-    tokens_per_frame: int,
-    width: int,
-    head_dim: int,
-    heads: int,
-    group_fraction: Count = 1,
-    active_tokens: Count | None = None,
-    context_tokens: int = 0,
-    cross_heads: Count | None = None,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
-    context_width: int | None = None,
+    *, frames: int, tokens_per_frame: int, width: int, head_dim: int, heads: int, group_fraction: Count = 1,
+    active_tokens: Count | None = None, context_tokens: int = 0, cross_heads: Count | None = None,
+    mlp_ratio: float = 4, active_heads: Count | None = None, context_width: int | None = None,
 ) -> Count:
-    """Latte spatial block MACs per clip (§5.3, §11): F·ĥC_H·(4·C·S + 2·S²) + MLP over ñ ≤ F·S.
+    """Latte spatial block MACs per clip: F·ĥC_H·(4·C·S + 2·S²) + MLP over ñ ≤ F·S.
 
     With ``context_tokens`` > 0 (T2V) each frame also cross-attends to the M context tokens as in
-    PixArt-α; ``active_tokens`` counts over all F·S tokens of the clip.
+    PixArt-α; ``active_tokens`` counts over all F·S tokens of the clip. Attention always sees all
+    tokens; SDT only shortens the MLP.
     """
     attn = frames * self_attention_macs(
         tokens=tokens_per_frame, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
@@ -253,18 +187,10 @@ def latte_spatial_block_macs(
 
 
 def latte_temporal_block_macs(
-    *,
-    frames: int,
-    tokens_per_frame: int,
-    width: int,
-    head_dim: int,
-    heads: int,
-    group_fraction: Count = 1,
-    active_tokens: Count | None = None,
-    mlp_ratio: float = 4,
-    active_heads: Count | None = None,
+    *, frames: int, tokens_per_frame: int, width: int, head_dim: int, heads: int, group_fraction: Count = 1,
+    active_tokens: Count | None = None, mlp_ratio: float = 4, active_heads: Count | None = None,
 ) -> Count:
-    """Latte temporal block MACs per clip (§5.3, §11): S·ĥC_H·(4·C·F + 2·F²) + MLP over ñ ≤ F·S."""
+    """Latte temporal block MACs per clip: S·ĥC_H·(4·C·F + 2·F²) + MLP over ñ ≤ F·S."""
     attn = tokens_per_frame * self_attention_macs(
         tokens=frames, width=width, head_dim=head_dim, heads=heads, active_heads=active_heads
     )
@@ -275,12 +201,44 @@ def latte_temporal_block_macs(
     return attn + mlp
 
 
-@runtime_checkable
-class DynamicMacs(Protocol):
-    """What a dynamic block implements so that :func:`flops_ratio` can find it."""
+def active_units(role: str, mask: Tensor) -> Tensor:
+    """What :func:`block_macs` reads of a unit mask [..., U]: active heads for a head role, the kept
+    fraction of groups for an MLP role."""
+    return mask.sum(-1) if role in HEAD_ROLES else mask.mean(-1)
 
-    def last_macs(self) -> tuple[Tensor, float] | None:
-        """(per-sample MACs [B] of the last forward, full-width MACs); None before any forward."""
+
+def block_macs(
+    kind: str, *, heads: int, head_dim: int, hidden: int, image_tokens: int, text_tokens: int = 0, frames: int = 1,
+    cross_heads: int = 0, context_width: int | None = None, active: Mapping[str, Count] | None = None,
+) -> Count:
+    """MACs per sample of one dynamic block of `kind` (one of :data:`BLOCK_KINDS`).
+
+    The block's shape is that of its ``LayerEntry`` (``cross_heads`` 0: no cross-attention); the
+    tokens are those of a ``TokenShape``: N image tokens (Latte: S per frame) of F ``frames``, and M
+    text tokens, attended jointly (FLUX) or by the cross-attention. ``active`` holds, by role, what
+    :func:`active_units` reads of the router masks (heads, cross_heads, mlp, text_mlp) and under
+    ``tokens`` the image tokens per sample that run the MLP; a missing entry counts at full width.
+    """
+    active = active or {}
+    width = heads * head_dim
+    common = dict(width=width, head_dim=head_dim, heads=heads, mlp_ratio=hidden / width,
+                  active_heads=active.get("heads"))
+    if kind in ("flux_double", "flux_single"):
+        tokens = dict(image_tokens=image_tokens, text_tokens=text_tokens, active_image_tokens=active.get("tokens"))
+        if kind == "flux_single":
+            return flux_single_block_macs(**tokens, **common, group_fraction=active.get("mlp", 1))
+        return flux_double_block_macs(**tokens, **common, image_group_fraction=active.get("mlp", 1),
+                                      text_group_fraction=active.get("text_mlp", 1))
+    common |= dict(group_fraction=active.get("mlp", 1), active_tokens=active.get("tokens"))
+    if kind == "latte_temporal":
+        return latte_temporal_block_macs(frames=frames, tokens_per_frame=image_tokens, **common)
+    context = dict(context_tokens=text_tokens if cross_heads else 0, cross_heads=active.get("cross_heads"),
+                   context_width=context_width)
+    if kind == "pixart":
+        return pixart_block_macs(tokens=image_tokens, **context, **common)
+    if kind == "latte_spatial":
+        return latte_spatial_block_macs(frames=frames, tokens_per_frame=image_tokens, **context, **common)
+    raise ValueError(f"block_macs: unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
 
 
 def _dynamic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -300,10 +258,11 @@ def _dynamic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def flops_ratio(model: nn.Module) -> Tensor:
-    """Per-sample FLOPs ratio r_b of the last forward, fp32 [B] (§5.2, Eq. for r_b).
+    """Per-sample FLOPs ratio r_b of the last forward, fp32 [B].
 
     r_b = Σ_blocks dynamic MACs_b / Σ_blocks full-width MACs, over every module that implements
-    ``last_macs()`` (:class:`DynamicMacs`). Differentiable through the per-block dynamic MACs.
+    ``last_macs()`` → (per-sample MACs [B] of the last forward, full-width MACs), or None before any
+    forward. Differentiable through the per-block dynamic MACs.
     """
     modules = _dynamic_modules(model)
     if not modules:

@@ -1,11 +1,11 @@
-"""Magnitude ranking and permutation of heads and MLP channels before fine-tuning (spec §2.6).
+"""Magnitude ranking and permutation of heads and MLP channels before fine-tuning.
 
-The paper ranks "heads and hidden channels … based on a magnitude criterion" so that index 0,
-which the routers keep on, is the most important unit. A unit is a contiguous block of rows of a
-Linear's output (producers: Q/K/V, fc1) or of columns of its input (consumers: W_O, fc2, the
-FLUX single block's fused proj_out). Scores sum the per-matrix norms over every producer and
-consumer; the permutation moves the same blocks in all of them, which leaves the network function
-unchanged.
+The DyDiT paper (Sec. 3.4) ranks "heads and hidden channels … based on a magnitude criterion" so
+that index 0, which the routers keep on, is the most important unit. A unit is a contiguous block
+of rows of a Linear's output (producers: Q/K/V, fc1) or of columns of its input (consumers: W_O,
+fc2, the FLUX single block's fused proj_out). Scores sum the per-matrix norms over every producer
+and consumer; the permutation moves the same blocks in all of them, which leaves the network
+function unchanged.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def _blocks(weight: torch.Tensor, part: UnitSlice, units: int) -> torch.Tensor:
 
 
 def unit_scores(parts: list[UnitSlice], units: int, norm: Literal["l1", "l2"] = "l1") -> torch.Tensor:
-    """Score s_u = Σ_parts ‖W_part[u]‖ (L1 or L2 over each unit's block, spec §2.6 steps 1 and 3)."""
+    """Score s_u = Σ_parts ‖W_part[u]‖, L1 or L2 over each unit's block in each part.
+
+    A head scores its Q/K/V output rows plus its W_O input columns; an MLP channel its fc1 row plus
+    its fc2 column.
+    """
     scores = torch.zeros(units, dtype=torch.float64)
     order = 1 if norm == "l1" else 2
     with torch.no_grad():

@@ -1,7 +1,7 @@
-"""Dense (masked) execution of TDW and SDT for training (method spec §2.4, §3.2).
+"""Dense (masked) execution of TDW and SDT for training.
 
 Shapes never change: a removed head, channel group or token is multiplied by 0, which equals the
-sliced computation of spec §2.5/§3.3 up to reduction order, keeps ZeRO-3 partitioning and
+sliced computation of the fast path up to reduction order, keeps ZeRO-3 partitioning and
 activation checkpointing happy, and lets the straight-through gradient reach the routers.
 """
 
@@ -23,7 +23,7 @@ def mask_units(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the inactive units of hidden [R, N, U·S] for a unit mask [B, U] (heads or MLP groups).
 
     Units are contiguous blocks of S channels (head h owns channels h·C_H … (h+1)·C_H − 1; group g
-    the D_H channels after the magnitude permutation), as in spec §2.1.
+    the D_H channels after the magnitude permutation).
     """
     if mask is None:
         return hidden
@@ -34,7 +34,8 @@ def mask_units(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def mask_tokens(update: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply a token mask [R, N] to a residual update [R, N, C] (fc2 bias included, spec §3.2)."""
+    """Apply a token mask [R, N] to a residual update [R, N, C], fc2 bias included: a skipped token
+    gets no update at all, as when the sliced path never runs its MLP."""
     return update if mask is None else update * mask[..., None].to(update.dtype)
 
 

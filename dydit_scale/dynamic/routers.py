@@ -1,17 +1,17 @@
 """DyDiT routers: Gumbel-sigmoid masks for heads, channel groups (TDW) and tokens (SDT).
 
-Method spec §2.2-§2.3 and §3.1/§3.4. Every router turns fp32 logits z into a straight-through mask
-m + (s − stopgrad(s)): forward = hard m ∈ {0, 1}, backward = ∂s/∂z with s = σ((z + noise)/τ).
-Training adds logistic noise (the difference of two Gumbels), so m ~ Bernoulli(σ(z)) whatever τ;
-eval is the deterministic 1[z > 0]. Each router keeps its last mask in `decision` for the FLOPs
-accounting of `dydit_scale.dynamic.flops`.
+The routers of Eq. (3) (TDW) and Eq. (5) (SDT) of the DyDiT paper. Every router turns fp32
+logits z into a straight-through mask m + (s − stopgrad(s)): forward = hard m ∈ {0, 1}, backward =
+∂s/∂z with s = σ((z + noise)/τ). Training adds logistic noise (the difference of two Gumbels), so
+m ~ Bernoulli(σ(z)) whatever τ; eval is the deterministic 1[z > 0] (the paper's 0.5 threshold).
+Each router keeps its last mask in `decision` for the FLOPs accounting of `dydit_scale.dynamic.flops`.
 
 Per-forward protocol. A dynamic transformer computes the pure timestep embedding e_t [B, C] once per
 forward and calls `broadcast_timestep(model, e_t)` *before* its blocks run (outside any activation
 checkpointing). Every submodule with a `prepare_step(timestep_embedding)` method is called:
 timestep routers sample their masks there (they depend on t only), token routers snapshot the
 complete-row / full-width request of this forward. A block recomputed by checkpointing therefore
-sees the same masks (P16): TDW masks are attributes set before the block ran, and token-router
+sees the same masks: TDW masks are attributes set before the block ran, and token-router
 noise is drawn inside the block under torch's RNG-state preservation.
 """
 
@@ -48,7 +48,8 @@ NOISE_BOUND = math.log((1.0 - _UNIFORM_EPS) / _UNIFORM_EPS)
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
-    """Straight-through Gumbel-sigmoid mask (spec §2.3), computed in fp32 (P19).
+    """Straight-through Gumbel-sigmoid mask, computed in fp32 so that the soft value σ(z/τ), which
+    carries the straight-through gradient, is not rounded to bf16.
 
     g₁ − g₂ of two Gumbel(0, 1) draws is Logistic(0, 1), sampled here as log u − log(1 − u).
     """
@@ -63,7 +64,7 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, training: bool) -> torch.Te
 
 
 class Float32Linear(nn.Linear):
-    """A Linear evaluated in fp32 whatever the module dtype (router logits stay fp32, P19).
+    """A Linear evaluated in fp32 whatever the module dtype (router logits stay fp32).
 
     Routers call it as a module, never reach for its `.weight` from a parent, so ZeRO-3 gathers
     its partitioned parameters in its own forward hook.
@@ -125,7 +126,7 @@ class Router(ForwardState, nn.Module):
         self._forced = True if self.bypass else request
 
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sample a mask from logits [R, ...]; rows forced complete get all ones (spec §6.4)."""
+        """Sample a mask from logits [R, ...]; rows forced complete get all ones (warm-up)."""
         if self._forced is True:
             mask = torch.ones_like(logits, dtype=torch.float32)
         else:
@@ -139,7 +140,7 @@ class Router(ForwardState, nn.Module):
 
 
 class TimestepRouter(Router):
-    """TDW router R(e_t) = Linear(C → U − 1) on the pure timestep embedding (spec §2.2).
+    """TDW router R(e_t) = Linear(C → U − 1) on the pure timestep embedding (Eq. (3)).
 
     Unit 0 (the most important head / group after magnitude ranking) is always on; the mask of the
     current forward, [B, U], is `decision`, sampled once per forward in `prepare_step`.
@@ -166,9 +167,9 @@ class TimestepRouter(Router):
 
 
 class TokenRouter(Router):
-    """DiT-style SDT router Linear(C → C/16) → ReLU → Linear(C/16 → 1), token-wise (spec §3.1).
+    """DiT-style SDT router Linear(C → C/16) → ReLU → Linear(C/16 → 1), token-wise (Eq. (5)).
 
-    Init deviates from the official Xavier output weight [D]: it is zero, so the logit is exactly
+    Init deviates from the official Xavier output weight: it is zero, so the logit is exactly
     the bias whatever the scale of the residual stream it reads (large activations would otherwise
     drop tokens of a fresh model). The weight still gets gradients, as a LoRA B = 0 does.
     """
@@ -190,13 +191,14 @@ class TokenRouter(Router):
 
 
 class ConditionedTokenRouter(Router):
-    """DyFLUX token router: image tokens scored with timestep and text context (spec §3.4).
+    """DyFLUX token router: image tokens scored with timestep and text context (official DyFLUX).
 
     SiLU(temb) → Linear(C → 4C) gives shift/scale for image and text; one learnable LayerNorm is
-    shared; the text stream is mean-pooled over its real tokens (P15: padding excluded when a key
-    mask is given) and added to every image token; Linear(C → 1) scores each image token. Its
-    weight starts at zero as in `TokenRouter` [D], so a fresh router's logit is the bias: eval keeps
-    every token for any bias > 0, training for any bias above `NOISE_BOUND` (16.6).
+    shared; the text stream is mean-pooled over its real tokens (padding excluded when a key mask
+    is given; the official router averages the padded T5 tokens too) and added to every image
+    token; Linear(C → 1) scores each image token. Its weight starts at zero as in `TokenRouter`,
+    so a fresh router's logit is the bias: eval keeps every token for any bias > 0, training for
+    any bias above `NOISE_BOUND` (16.6).
     """
 
     def __init__(self, width: int, *, tau: float, bias: float):
@@ -229,7 +231,8 @@ class ConditionedTokenRouter(Router):
 def broadcast_timestep(model: nn.Module, timestep_embedding: torch.Tensor) -> None:
     """Call `prepare_step(e_t)` on every submodule that has one (routers, blocks, TD-LoRA gates).
 
-    Run once per forward before the blocks, outside activation checkpointing (spec P16).
+    Run once per forward before the blocks, outside activation checkpointing, so that a block's
+    checkpointed recomputation sees the masks of its first run.
     """
     for module in model.modules():
         if module is not model and callable(getattr(module, "prepare_step", None)):
@@ -255,7 +258,7 @@ def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @contextlib.contextmanager
 def full_width(model: nn.Module) -> Iterator[nn.Module]:
-    """Bypass every router of `model`: all heads, groups and tokens active (architecture §2.5).
+    """Bypass every router of `model`: all heads, groups and tokens active.
 
     Applies to forwards started inside the `with` block; their checkpointed recomputation keeps it.
     """
@@ -272,12 +275,12 @@ def full_width(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def complete_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[nn.Module]:
-    """Force all masks to 1 for the samples where `rows` [B] is True (complete-model warm-up, §6.4).
+    """Force all masks to 1 for the samples where `rows` [B] is True (complete-model warm-up).
 
-    P17: stage 1 runs one forward on [x_t; x_t] with rows = [False]*B + [True]*B, then splits the
-    output: the second half is the complete model (same weights, routers bypassed) with no second
-    forward before the backward. FLOPs of the complete rows are full; take the FLOPs ratio of the
-    dynamic rows only.
+    Two forwards before one backward are fragile under ZeRO-3, so stage 1 runs one forward on
+    [x_t; x_t] with rows = [False]*B + [True]*B, then splits the output: the second half is the
+    complete model (same weights, routers bypassed) with no second forward before the backward.
+    FLOPs of the complete rows are full; take the FLOPs ratio of the dynamic rows only.
     """
     routers = _routers(model)
     previous = [router.complete_request for router in routers]

@@ -1,19 +1,22 @@
-"""Frozen router schedules: the TDW masks at the exact time keys a sampler passes (method spec §7.3).
+"""Frozen router schedules: the TDW masks at the exact time keys a sampler passes.
 
 A schedule is a pure function of (TDW router weights, time keys): for every timestep router (keyed
 by its qualified name, e.g. `transformer_blocks.0.head_router`) a bool mask [T, U] over the T
-sampler steps, unit 0 always on. Token routers stay live and are not part of it (§3.3, §7.3 item 6).
+sampler steps, unit 0 always on. Token routers stay live and are not part of it: their masks depend
+on the image, not only on t.
 
 Files (`RouterSchedule.save`):
 * `schedule.safetensors` — `time_keys` [T] (the transformer's `timestep` argument, its own dtype),
   `masks.<router>` bool [T, U], the de-duplicated table `unique.<router>` bool [K, U] with
   `mask_ids.<router>` int64 [T] (step k uses `unique[mask_ids[k]]`), `flops_ratio` float64 [T] (TDW
-  only, SDT at 100 %), `perm.<block>.<heads|mlp|…>` int64 (the §2.6 permutations).
+  only, SDT at 100 %), `perm.<block>.<heads|mlp|…>` int64 (the magnitude permutations of the heads
+  and channels, so files for other tools can be written back in the base model's order).
 * `schedule.json` — format and version, family and model class, base-weights and checkpoint hashes,
   λ, threshold, τ, the time-key definition with the exact keys and the sampler that produced them,
   the token shape used for the FLOPs ratios, the per-block layer table, unique-mask counts.
 
-Lookup is exact: a key not in the schedule is an error, never a nearest neighbour (§7.3).
+Lookup is exact: a key not in the schedule is an error, never a nearest neighbour (an unknown key
+means another sampler, step count or resolution than the one the schedule was exported for).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class UnknownTimeKeyError(ValueError):
 
 @dataclass(frozen=True)
 class TimeKeys:
-    """The exact `timestep` values the pipeline passes to the transformer, one per step (§7.2)."""
+    """The exact `timestep` values the pipeline passes to the transformer, one per step."""
 
     values: torch.Tensor
     """[T], in the dtype the pipeline passes (float σ for FLUX, int64 DDPM indices for PixArt/Latte)."""
@@ -72,11 +75,11 @@ class TokenShape:
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """One dynamic block of the layer table (§7.3 item 3)."""
+    """One dynamic block of the layer table: what `flops.block_macs` needs of it, and its routers."""
 
     name: str
     kind: str
-    """pixart | latte_spatial | latte_temporal | flux_double | flux_single."""
+    """One of `flops.BLOCK_KINDS`: pixart | latte_spatial | latte_temporal | flux_double | flux_single."""
     heads: int
     head_dim: int
     hidden: int
@@ -101,7 +104,7 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 @dataclass(eq=False)
 class RouterSchedule:
-    """Per-step TDW masks of every timestep router, with the facts needed to trust them (§7.3)."""
+    """Per-step TDW masks of every timestep router, with the facts needed to trust them."""
 
     time_keys: TimeKeys
     masks: dict[str, torch.Tensor]
@@ -127,7 +130,8 @@ class RouterSchedule:
             if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != steps:
                 raise ValueError(f"schedule: masks[{name}] must be bool [{steps}, U], got {mask.dtype} {list(mask.shape)}")
             if not bool(mask[:, 0].all()):
-                raise ValueError(f"schedule: masks[{name}] has a step without unit 0 (it is always on, §2.6)")
+                raise ValueError(f"schedule: masks[{name}] has a step without unit 0 (it is always on: every "
+                                 "block keeps one head and one group)")
         self._index: dict[float, int] = {}
         for step, key in enumerate(self.time_keys.values.double().tolist()):
             self._index.setdefault(key, step)
@@ -247,37 +251,15 @@ class RouterSchedule:
         )
 
 
-def _layer_macs(layer: LayerEntry, active: dict[str, flops.Count], shape: TokenShape) -> flops.Count:
-    """Block MACs per sample for active head counts / group fractions by role (full width if absent)."""
-    width = layer.heads * layer.head_dim
-    common = dict(width=width, head_dim=layer.head_dim, heads=layer.heads, mlp_ratio=layer.hidden / width,
-                  active_heads=active.get("heads"), group_fraction=active.get("mlp", 1))
-    context = dict(context_tokens=shape.text_tokens if layer.cross_heads else 0, cross_heads=active.get("cross_heads"),
-                   context_width=layer.context_width)
-    if layer.kind == "pixart":
-        return flops.pixart_block_macs(tokens=shape.image_tokens, **context, **common)
-    if layer.kind == "latte_spatial":
-        return flops.latte_spatial_block_macs(frames=shape.frames, tokens_per_frame=shape.image_tokens,
-                                              **context, **common)
-    if layer.kind == "latte_temporal":
-        return flops.latte_temporal_block_macs(frames=shape.frames, tokens_per_frame=shape.image_tokens, **common)
-    tokens = dict(image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
-    if layer.kind == "flux_single":
-        return flops.flux_single_block_macs(**tokens, **common)
-    group_fraction = common.pop("group_fraction")
-    return flops.flux_double_block_macs(**tokens, **common, image_group_fraction=group_fraction,
-                                        text_group_fraction=active.get("text_mlp", 1))
-
-
 def schedule_flops_ratio(layers: list[LayerEntry], masks: dict[str, torch.Tensor], shape: TokenShape) -> torch.Tensor:
-    """TDW-only FLOPs ratio per step, float64 [T] (§5, §7.3 item 5): Σ dynamic MACs / Σ full MACs."""
+    """TDW-only FLOPs ratio per step, float64 [T]: Σ dynamic MACs / Σ full MACs, every token routed
+    (the token routers stay live, so the schedule cannot know what they skip)."""
     steps = next(iter(masks.values())).shape[0] if masks else 0
     dynamic, full = torch.zeros(steps, dtype=torch.float64), 0.0
     for layer in layers:
-        active = {}
-        for role, router in layer.routers.items():
-            mask = masks[router].double()
-            active[role] = mask.sum(-1) if role in ("heads", "cross_heads") else mask.mean(-1)
-        dynamic = dynamic + _layer_macs(layer, active, shape)
-        full += float(_layer_macs(layer, {}, shape))
+        size = dict(heads=layer.heads, head_dim=layer.head_dim, hidden=layer.hidden, cross_heads=layer.cross_heads,
+                    context_width=layer.context_width, **asdict(shape))
+        active = {role: flops.active_units(role, masks[router].double()) for role, router in layer.routers.items()}
+        dynamic = dynamic + flops.block_macs(layer.kind, **size, active=active)
+        full += float(flops.block_macs(layer.kind, **size))
     return dynamic / full if full > 0 else dynamic

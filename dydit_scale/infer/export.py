@@ -1,4 +1,4 @@
-"""`export_schedule`: freeze a dynamic model's TDW routers at a sampler's time keys (method spec §7.3).
+"""`export_schedule`: freeze a dynamic model's TDW routers at a sampler's time keys.
 
 The masks are what the routers decide in eval mode (σ(z) > 0.5, unit 0 forced on) for the pure
 timestep embedding e_t of each key, computed exactly as the dynamic model's forward computes it
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dydit_scale.dynamic.routers import TimestepRouter
+from dydit_scale.dynamic.routers import TimestepRouter, router_parameters
 from dydit_scale.dynamic.schedule import (
     LayerEntry,
     RouterSchedule,
@@ -26,9 +26,10 @@ from dydit_scale.infer.keys import sampler_time_keys, sampling_token_shape
 from dydit_scale.infer.plots import schedule_heatmap
 from dydit_scale.infer.runs import TD_LORA_NOT_MERGEABLE, Consolidate, load_run, run_recipe, stock_class
 from dydit_scale.infer.runs import save_transformer as write_transformer
-from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
+from dydit_scale.models.dynamic_block import DynamicBlock
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
-from dydit_scale.models.flux_blocks import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
+from dydit_scale.models.family import Family
+from dydit_scale.models.registry import family_of
 
 __all__ = [
     "default_token_shape",
@@ -40,10 +41,7 @@ __all__ = [
     "timestep_routers",
 ]
 
-#: role in the layer table -> router attribute of a dynamic block
-ROLES = {"heads": "head_router", "cross_heads": "cross_head_router", "mlp": "mlp_router",
-         "text_mlp": "text_mlp_router"}
-_ADAPTER_PARTS = ("router", "lora_", "td_gate")
+_ADAPTER_PARTS = ("lora_", "td_gate")  # peft LoRA and TD-LoRA tensors; routers are found by type
 
 
 def timestep_routers(model: nn.Module) -> dict[str, TimestepRouter]:
@@ -52,31 +50,16 @@ def timestep_routers(model: nn.Module) -> dict[str, TimestepRouter]:
 
 
 def layer_table(model: nn.Module) -> list[LayerEntry]:
-    """One `LayerEntry` per dynamic block, in module order (§7.3 item 3)."""
-    entries = []
-    for name, block in model.named_modules():
-        if isinstance(block, DyAdaLNTransformerBlock):
-            kind, attn2 = block.kind, block.attn2
-        elif isinstance(block, (DyFluxTransformerBlock, DyFluxSingleTransformerBlock)):
-            kind = "flux_double" if isinstance(block, DyFluxTransformerBlock) else "flux_single"
-            attn2 = None
-        else:
-            continue
-        routers = {role: f"{name}.{attr}" for role, attr in ROLES.items() if getattr(block, attr, None) is not None}
-        entries.append(LayerEntry(
-            name=name, kind=kind, heads=block.heads, head_dim=block.head_dim, hidden=block.hidden,
-            groups=block.groups, routers=routers, cross_heads=0 if attn2 is None else attn2.heads,
-            context_width=None if attn2 is None else attn2.to_k.in_features,
-        ))
-    return entries
+    """One `LayerEntry` per dynamic block, in module order: each block describes itself."""
+    return [block.layer_entry(name) for name, block in model.named_modules() if isinstance(block, DynamicBlock)]
 
 
 def model_hashes(model: nn.Module) -> tuple[str, str]:
     """(base-weights hash, checkpoint hash): the transformer's own tensors in permuted order (peft's
     `.base_layer` names folded back), and the routers + LoRA / TD-LoRA tensors."""
-    base, adapters = {}, {}
+    base, adapters, routers = {}, {}, router_parameters(model).keys()
     for name, tensor in model.state_dict().items():
-        if any(part in name for part in _ADAPTER_PARTS):
+        if name in routers or any(part in name for part in _ADAPTER_PARTS):
             adapters[name] = tensor
         else:
             base[name.replace(".base_layer.", ".")] = tensor
@@ -84,18 +67,21 @@ def model_hashes(model: nn.Module) -> tuple[str, str]:
 
 
 def default_token_shape(model: nn.Module) -> TokenShape:
-    """The family's usual sampling shape: FLUX 1024² (4096 + 512 tokens); PixArt / Latte at their
-    config's sample size with 120 T5 tokens, Latte with its `video_length` frames."""
-    config = model.config
-    if "joint_attention_dim" in config:
-        return TokenShape(image_tokens=4096, text_tokens=512)
-    tokens = (config.sample_size // config.patch_size) ** 2
-    return TokenShape(image_tokens=tokens, text_tokens=120, frames=config.get("video_length") or 1)
+    """The family's usual sampling shape (FLUX: 1024², 4096 + 512 tokens; PixArt / Latte: their
+    config's sample size with 120 T5 tokens, Latte with its `video_length` frames)."""
+    return _family(model).default_token_shape(model.config)
+
+
+def _family(model: nn.Module) -> Family:
+    family = family_of(model)
+    if family is None:
+        raise TypeError(f"export_schedule: {type(model).__name__} is not a transformer of a registered family")
+    return family
 
 
 @torch.no_grad()
 def router_masks(model: nn.Module, values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Eval-mode decision of every timestep router for each key, bool [T, U] (§2.3: 1[z > 0])."""
+    """Eval-mode decision of every timestep router for each key, bool [T, U] (1[z > 0], as the routers decide in eval mode)."""
     device = next(model.parameters()).device
     e_t = model.timestep_embedding(values.to(device), values.shape[0])
     masks = {}
@@ -132,8 +118,7 @@ def export_schedule(model: nn.Module, time_keys: TimeKeys | torch.Tensor | list[
         time_keys=keys, masks=masks, layers=layers, token_shape=shape,
         flops_ratio=schedule_flops_ratio(layers, masks, shape),
         permutations={k: v.cpu() for k, v in model.dydit_permutations.items()},
-        family={"FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart",
-                "LatteTransformer3DModel": "latte"}.get(stock.__name__, ""),
+        family=_family(model).name,
         model_class=stock.__name__, base_model_hash=base_hash, checkpoint_hash=checkpoint_hash,
         target_flops_ratio=config.target_flops_ratio, tau=config.tau, source=dict(source or {}),
     )

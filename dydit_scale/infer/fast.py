@@ -1,4 +1,4 @@
-"""`apply_schedule`: the fast dynamic inference path (method spec §2.5, §3.3, §7.4).
+"""`apply_schedule`: the fast dynamic inference path (sliced weights, kept tokens only).
 
 The dynamic model is changed in place, as `make_dynamic` does: its class becomes a `Fast…` subclass
 whose forward keeps the diffusers signature (pipelines run it unchanged), looks up the step by the
@@ -20,7 +20,7 @@ from dydit_scale.dynamic.schedule import RouterSchedule
 from dydit_scale.infer.export import model_hashes, timestep_routers
 from dydit_scale.infer.fast_blocks import FAST_BLOCKS, FastState
 from dydit_scale.infer.sliced import Attention, check_attention
-from dydit_scale.models.dynamic_model import DynamicTransformerMixin
+from dydit_scale.models.dynamic_model import DynamicTransformerMixin, stock_signature
 
 __all__ = ["FastTransformerMixin", "apply_schedule"]
 
@@ -32,7 +32,7 @@ class FastTransformerMixin:
     dydit_fast: FastState
 
     def forward(self, *args, **kwargs):
-        bound = _stock_signature(type(self)).bind(self, *args, **kwargs)
+        bound = stock_signature(type(self)).bind(self, *args, **kwargs)
         self._begin_step(bound.arguments["timestep"], bound.arguments["hidden_states"].shape[0])
         return super(DynamicTransformerMixin, self).forward(*args, **kwargs)
 
@@ -50,13 +50,6 @@ class FastTransformerMixin:
             block.use_step(step)
         if self.dydit_fast.token_log is not None:
             self.dydit_fast.token_log.append(None)
-
-
-@functools.cache
-def _stock_signature(cls: type):
-    import inspect
-
-    return inspect.signature(super(DynamicTransformerMixin, cls).forward)
 
 
 @functools.cache
@@ -98,7 +91,7 @@ def apply_schedule(model: nn.Module, schedule: RouterSchedule, *, low_memory: bo
                    attention: Attention = "sdpa", verify: bool = True) -> nn.Module:
     """Make a dynamic transformer execute `schedule` with sliced weights; in place, returns it in eval mode.
 
-    low_memory: slice the weights in every forward instead of caching them per unique mask (§7.4).
+    low_memory: slice the weights in every forward instead of caching them per unique mask (memory for time).
     attention: sdpa (`F.scaled_dot_product_attention`) | xformers (CUDA + xformers installed).
     verify: check the base-weight and checkpoint hashes against the schedule's.
     """

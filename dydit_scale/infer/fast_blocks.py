@@ -1,26 +1,26 @@
-"""Sliced versions of the dynamic blocks: only the active heads and MLP groups are computed (§2.5),
-and the token-routed MLP runs on the kept tokens only (§3.3, §9.3).
+"""Sliced versions of the dynamic blocks: only the active heads and MLP groups are computed, and the
+token-routed MLP runs on the kept tokens only.
 
 `apply_schedule` switches each dynamic block's class to its fast subclass here. The forwards are the
-masked forwards of `dydit_scale.models` with the mask products replaced by sliced weights; the TDW
-masks come from the schedule (set as the routers' `decision`, so `flops_ratio` keeps working), the
-token routers run live. Sliced weights are cached per unique mask combination of the block (per
-step when TD-LoRA must be merged at this step's π), or in low-memory mode made in each block's forward
-and dropped at its end.
+dynamic blocks' own (`dydit_scale.models`); the subclasses override their ops: `_linear` with the
+sliced weights, `_unit_mask` with nothing (the weights are already sliced), `_attend` with the chosen
+backend, `_routed_update` with a gather / scatter of the kept tokens. The TDW masks come from the
+schedule (set as the routers' `decision`, so `flops_ratio` keeps working), the token routers run
+live. Sliced weights are cached per unique mask combination of the block (per step when TD-LoRA must
+be merged at this step's π), or in low-memory mode made in each block's forward and dropped at its
+end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import apply_rotary_emb
 
-from dydit_scale.dynamic.schedule import RouterSchedule
-from dydit_scale.infer.export import ROLES
+from dydit_scale.dynamic.schedule import RouterSchedule, TokenShape
 from dydit_scale.infer.sliced import Sliced, attend, kept_rows, slice_linear, unit_index
 from dydit_scale.lora.td_lora import TDLoRALinear
 from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock
@@ -48,16 +48,18 @@ class FastState:
 
 
 class _FastBlock:
-    """Step selection and the sliced-weight cache shared by the fast blocks."""
+    """Step selection, the sliced-weight cache and the sliced ops shared by the fast blocks (mixed in
+    before a dynamic block class)."""
 
     heads: int
     head_dim: int
     hidden: int
     groups: int
+    kind: str
 
     def setup_fast(self, name: str, state: FastState) -> None:
         object.__setattr__(self, "_fast", state)
-        self._roles = {role: f"{name}.{attr}" for role, attr in ROLES.items() if getattr(self, attr, None) is not None}
+        self._roles = self.layer_entry(name).routers
         self._plan = self.slice_plan()
         self._merge_per_step = any(isinstance(self.get_submodule(path), TDLoRALinear) for path in self._plan)
         self._cache: dict[Any, dict[str, Sliced]] = {}
@@ -87,11 +89,6 @@ class _FastBlock:
             self._cache[key] = found
         return found
 
-    def _release(self) -> None:
-        """End of a forward: low-memory mode drops the slices it made for this block (§7.4)."""
-        if self._fast.low_memory:
-            self._cache.clear()
-
     @staticmethod
     def _index(parts: list[tuple[str, int, int, int]], masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not any(role in masks for role, *_ in parts):
@@ -99,40 +96,52 @@ class _FastBlock:
         return torch.cat([unit_index(masks.get(role, torch.ones(units, dtype=torch.bool)), size, offset)
                           for role, units, size, offset in parts])
 
-    def _active(self, role: str, total: int) -> int:
-        mask = self._step[1].get(role)
-        return total if mask is None else int(mask.sum())
+    # ------------------------------------------------------------------ ops (sliced)
+    def _linear(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """The sliced weights of a planned projection; any other one is the module itself."""
+        sliced = self._weights().get(path)
+        return super()._linear(path, x) if sliced is None else F.linear(x, *sliced)
 
-    def _log_tokens(self, token_mask: torch.Tensor | None, batch: int, image_tokens: int) -> None:
-        """Add this block's MLP tokens [B, N_image] to the compute map (sample-major rows)."""
+    def _unit_mask(self, role: str) -> torch.Tensor | None:
+        """Nothing to multiply: the inactive units' weights are not there."""
+        return None
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        return attend(query, key, value, mask, self._fast.attention)
+
+    def _routed_update(self, residual: torch.Tensor, token_mask: torch.Tensor | None, gate: torch.Tensor,
+                       update: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """residual + gate ⊙ update(*inputs) for the kept rows only; skipped tokens get nothing.
+
+        residual and inputs [R, N, ·], gate [R, 1, C]; the kept rows are gathered flat, [K, ·].
+        """
+        rows = kept_rows(token_mask)
+        if rows is None:
+            return residual + gate * update(*inputs)
+        r, n = residual.shape[:2]
+        kept = [x.reshape(r * n, -1).index_select(0, rows) for x in inputs]
+        delta = gate[:, 0].index_select(0, rows // n) * update(*kept)
+        return residual.reshape(r * n, -1).index_add(0, rows, delta.to(residual.dtype)).view(residual.shape)
+
+    def _end_forward(self, token_mask: torch.Tensor | None, batch: int, shape: TokenShape) -> None:
+        """Log the tokens that ran the MLP; low-memory mode drops the slices made for this forward."""
+        super()._end_forward(token_mask, batch, shape)
         log = self._fast.token_log
-        if not log:
-            return
-        ran = (torch.ones(batch, image_tokens) if token_mask is None
-               else token_mask.detach().float().cpu().reshape(batch, image_tokens))
-        log[-1] = ran if log[-1] is None else log[-1] + ran
+        if log:
+            ran = self._token_map(token_mask, batch, shape)
+            log[-1] = ran if log[-1] is None else log[-1] + ran
+        if self._fast.low_memory:
+            self._cache.clear()
 
-
-def _mlp(x: torch.Tensor, ff: torch.nn.Module, fc1: Sliced, fc2: Sliced) -> torch.Tensor:
-    """diffusers FeedForward (GELU → dropout → fc2 → …) with sliced fc1 rows and fc2 columns."""
-    hidden = ff.net[1](ff.net[0].gelu(F.linear(x, *fc1)))
-    hidden = F.linear(hidden, *fc2)
-    for module in ff.net[3:]:
-        hidden = module(hidden)
-    return hidden
-
-
-def _routed_update(residual: torch.Tensor, rows: torch.Tensor | None, update_fn, x: torch.Tensor,
-                   gate: torch.Tensor) -> torch.Tensor:
-    """residual + gate ⊙ f(x) for the kept rows only (§3.3); skipped tokens get nothing.
-
-    residual, x [R, N, C]; gate [R, 1, C]; `rows` flat kept indices (None: all).
-    """
-    if rows is None:
-        return residual + gate * update_fn(x)
-    r, n, c = x.shape
-    update = gate[:, 0].index_select(0, rows // n) * update_fn(x.reshape(r * n, c).index_select(0, rows))
-    return residual.reshape(r * n, -1).index_add(0, rows, update.to(residual.dtype)).view(residual.shape)
+    def _token_map(self, token_mask: torch.Tensor | None, batch: int, shape: TokenShape) -> torch.Tensor:
+        """Which image tokens ran the MLP, [B, F·N] in frame-then-position order (sample-major rows)."""
+        if token_mask is None:
+            return torch.ones(batch, shape.frames * shape.image_tokens)
+        ran = token_mask.detach().float().cpu()
+        if self.kind == "latte_temporal":  # rows are positions, tokens are frames
+            ran = ran.reshape(batch, shape.image_tokens, shape.frames).transpose(1, 2)
+        return ran.reshape(batch, -1)
 
 
 class FastAdaLNBlock(_FastBlock, DyAdaLNTransformerBlock):
@@ -150,118 +159,13 @@ class FastAdaLNBlock(_FastBlock, DyAdaLNTransformerBlock):
         mlp = ("mlp", self.groups, self.hidden // self.groups, 0)
         return plan | {"ff.net.0.proj": (0, [mlp]), "ff.net.2": (1, [mlp])}
 
-    def _attention(self, prefix: str, role: str, hidden: torch.Tensor, context: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Adapted from `models.adaln_block.masked_attention`: |𝓗| heads, W_O on their columns."""
-        attn: Attention = getattr(self, prefix)
-        w, heads = self._weights(), self._active(role, attn.heads)
-        context = hidden if context is None else context
-        batch, length = context.shape[:2]
-        if attention_mask is not None:  # identical for every head: keep one, broadcast over |𝓗|
-            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])[:, :1]
-        q, k, v = (F.linear(x, *w[f"{prefix}.{p}"]).view(batch, x.shape[1], heads, -1)
-                   for p, x in (("to_q", hidden), ("to_k", context), ("to_v", context)))
-        out = attend(q, k, v, attention_mask, self._fast.attention).flatten(2).to(q.dtype)
-        out = attn.to_out[1](F.linear(out, *w[f"{prefix}.to_out.0"]))
-        return out / attn.rescale_output_factor
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        class_labels: torch.LongTensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        # Adapted from DyAdaLNTransformerBlock.forward (diffusers 0.42.1 BasicTransformerBlock, ada_norm_single).
-        if cross_attention_kwargs:
-            raise ValueError(f"dynamic blocks: cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported")
-        batch_size = hidden_states.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)
-        ).chunk(6, dim=1)
-        norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
-        attn_output = self._attention("attn1", "heads", norm_hidden_states, None, attention_mask)
-        hidden_states = gate_msa * attn_output + hidden_states
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
-
-        context_tokens = 0
-        if self.attn2 is not None:
-            context_tokens = encoder_hidden_states.shape[1]
-            if self.cross_head_router is None:
-                attn_output = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                         attention_mask=encoder_attention_mask)
-            else:
-                attn_output = self._attention("attn2", "cross_heads", hidden_states, encoder_hidden_states,
-                                              encoder_attention_mask)
-            hidden_states = attn_output + hidden_states
-
-        token_mask = None if self.token_router is None else self.token_router(hidden_states)
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
-        w = self._weights()
-        hidden_states = _routed_update(hidden_states, kept_rows(token_mask),
-                                       lambda x: _mlp(x, self.ff, w["ff.net.0.proj"], w["ff.net.2"]),
-                                       norm_hidden_states, gate_mlp)
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
-        self._record = self._counts(hidden_states, token_mask, context_tokens)
-        self._log_adaln_tokens(token_mask, hidden_states.shape[:2])
-        self._release()
-        return hidden_states
-
-    def _log_adaln_tokens(self, token_mask: torch.Tensor | None, rows_tokens: torch.Size) -> None:
-        """Token masks in sample-major frame-then-position order (Latte temporal rows are positions)."""
-        rows, tokens = rows_tokens
-        batch = self._batch or rows
-        if token_mask is not None and self.kind == "latte_temporal":
-            token_mask = token_mask.reshape(batch, rows // batch, tokens).transpose(1, 2)
-        self._log_tokens(token_mask, batch, rows // batch * tokens)
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """The prepared mask [B, H, …] is the same for every head: keep one, broadcast over the active ones."""
+        return super()._attend(query, key, value, None if mask is None else mask[:, :1])
 
 
-def _attention_mask(joint_attention_kwargs: dict[str, Any] | None) -> torch.Tensor | None:
-    kwargs = joint_attention_kwargs or {}
-    unknown = sorted(set(kwargs) - {"attention_mask"})
-    if unknown:
-        raise ValueError(f"dynamic FLUX blocks: joint_attention_kwargs {unknown} are not supported")
-    return kwargs.get("attention_mask")
-
-
-class _FastFluxBlock(_FastBlock):
-    """Joint attention over the active heads (image and text projections share them, §9.2)."""
-
-    def _joint_attention(self, hidden: torch.Tensor, encoder: torch.Tensor | None, rope: Any,
-                         attention_mask: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Adapted from `models.flux.joint_attention` (diffusers 0.42.1 FluxAttnProcessor)."""
-        attn, w = self.attn, self._weights()
-        shape = (self._active("heads", attn.heads), attn.head_dim)
-
-        def project(path: str, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, *w[f"attn.{path}"]).unflatten(-1, shape)
-
-        query, key, value = (project(p, hidden) for p in ("to_q", "to_k", "to_v"))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if encoder is not None:
-            enc_query, enc_key, enc_value = (project(p, encoder) for p in ("add_q_proj", "add_k_proj", "add_v_proj"))
-            query = torch.cat([attn.norm_added_q(enc_query), query], dim=1)
-            key = torch.cat([attn.norm_added_k(enc_key), key], dim=1)
-            value = torch.cat([enc_value, value], dim=1)
-        if rope is not None:
-            query = apply_rotary_emb(query, rope, sequence_dim=1)
-            key = apply_rotary_emb(key, rope, sequence_dim=1)
-        out = attend(query, key, value, attention_mask, self._fast.attention).flatten(2, 3).to(query.dtype)
-        if encoder is None:
-            return out
-        encoder_out, out = out.split_with_sizes([encoder.shape[1], out.shape[1] - encoder.shape[1]], dim=1)
-        out = attn.to_out[1](F.linear(out, *w["attn.to_out.0"]))
-        return out, F.linear(encoder_out, *w["attn.to_add_out"])
-
-
-class FastFluxDoubleBlock(_FastFluxBlock, DyFluxTransformerBlock):
+class FastFluxDoubleBlock(_FastBlock, DyFluxTransformerBlock):
     """Sliced DyFLUX double-stream block: joint heads, image FFN groups on the kept tokens."""
 
     def slice_plan(self) -> SlicePlan:
@@ -275,53 +179,10 @@ class FastFluxDoubleBlock(_FastFluxBlock, DyFluxTransformerBlock):
             plan |= {f"{prefix}.net.0.proj": (0, [part]), f"{prefix}.net.2": (1, [part])}
         return plan
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Adapted from DyFluxTransformerBlock.forward (diffusers 0.42.1 FluxTransformerBlock).
-        attention_mask = _attention_mask(joint_attention_kwargs)
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
-        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
-            encoder_hidden_states, emb=temb
-        )
-        attn_output, context_attn_output = self._joint_attention(
-            norm_hidden_states, norm_encoder_hidden_states, image_rotary_emb, attention_mask
-        )
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
 
-        token_mask = self._route_tokens(hidden_states, encoder_hidden_states, temb, attention_mask)
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        w = self._weights()
-        hidden_states = _routed_update(hidden_states, kept_rows(token_mask),
-                                       lambda x: _mlp(x, self.ff, w["ff.net.0.proj"], w["ff.net.2"]),
-                                       norm_hidden_states, gate_mlp.unsqueeze(1))
-
-        norm_encoder_hidden_states = self.norm2_context(encoder_hidden_states)
-        norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        if self.text_mlp_router is None:
-            context_ff_output = self.ff_context(norm_encoder_hidden_states)
-        else:
-            context_ff_output = _mlp(norm_encoder_hidden_states, self.ff_context, w["ff_context.net.0.proj"],
-                                     w["ff_context.net.2"])
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
-        if encoder_hidden_states.dtype == torch.float16:
-            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
-
-        self._remember(hidden_states, encoder_hidden_states.shape[1], token_mask)
-        self._log_tokens(token_mask, *hidden_states.shape[:2])
-        self._release()
-        return encoder_hidden_states, hidden_states
-
-
-class FastFluxSingleBlock(_FastFluxBlock, DyFluxSingleTransformerBlock):
+class FastFluxSingleBlock(_FastBlock, DyFluxSingleTransformerBlock):
     """Sliced DyFLUX single-stream block: the fused proj_out keeps the columns of the active heads and
-    groups; a skipped image token runs neither proj_mlp nor proj_out (§9.3)."""
+    groups; a skipped image token runs neither proj_mlp nor proj_out."""
 
     def slice_plan(self) -> SlicePlan:
         heads = ("heads", self.heads, self.head_dim, 0)
@@ -329,43 +190,6 @@ class FastFluxSingleBlock(_FastFluxBlock, DyFluxSingleTransformerBlock):
         plan: SlicePlan = {f"attn.{p}": (0, [heads]) for p in ("to_q", "to_k", "to_v")}
         fused_mlp = ("mlp", self.groups, self.hidden // self.groups, self.heads * self.head_dim)
         return plan | {"proj_mlp": (0, [mlp]), "proj_out": (1, [heads, fused_mlp])}
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Adapted from DyFluxSingleTransformerBlock.forward (diffusers 0.42.1 FluxSingleTransformerBlock).
-        attention_mask = _attention_mask(joint_attention_kwargs)
-        text_seq_len = encoder_hidden_states.shape[1]
-        token_mask = self._route_tokens(hidden_states, encoder_hidden_states, temb, attention_mask)
-        image = hidden_states
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-        attn_output = self._joint_attention(norm_hidden_states, None, image_rotary_emb, attention_mask)
-        routed = None
-        if token_mask is not None:  # text tokens always update (§9.3)
-            routed = torch.cat([token_mask.new_ones(token_mask.shape[0], text_seq_len), token_mask], dim=1)
-        w = self._weights()
-
-        def fused(x: torch.Tensor) -> torch.Tensor:  # x = [attention output | normed input]
-            attn, norm = x.split_with_sizes([attn_output.shape[-1], x.shape[-1] - attn_output.shape[-1]], dim=-1)
-            mlp = self.act_mlp(F.linear(norm, *w["proj_mlp"]))
-            return F.linear(torch.cat([attn, mlp], dim=-1), *w["proj_out"])
-
-        hidden_states = _routed_update(hidden_states, kept_rows(routed), fused,
-                                       torch.cat([attn_output, norm_hidden_states], dim=-1), gate.unsqueeze(1))
-        if hidden_states.dtype == torch.float16:
-            hidden_states = hidden_states.clip(-65504, 65504)
-
-        self._remember(image, text_seq_len, token_mask)
-        self._log_tokens(token_mask, *image.shape[:2])
-        self._release()
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
 #: dynamic block class -> its fast (sliced) subclass

@@ -23,6 +23,7 @@ from torch import nn
 
 from dydit_scale.config import Recipe, load_recipe
 from dydit_scale.dynamic.importance import reorder_state_dict
+from dydit_scale.dynamic.routers import router_parameters
 from dydit_scale.infer.sliced import effective_linear
 from dydit_scale.io import load_tensors
 from dydit_scale.lora import load_lora_diffusers, load_td_lora
@@ -102,7 +103,7 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
 
 def _load_routers(model: nn.Module, path: Path) -> None:
     tensors = load_tensors(path)
-    own = {n for n, _ in model.named_parameters() if "router" in n}
+    own = set(router_parameters(model))
     if own != set(tensors):
         raise ValueError(f"{path}: router tensors do not match the recipe's model (missing "
                          f"{sorted(own - set(tensors))[:3]}, unexpected {sorted(set(tensors) - own)[:3]})")
@@ -130,9 +131,15 @@ def save_transformer(model: nn.Module, folder: str | Path, *, dtype: torch.dtype
     """
     if any(isinstance(m, TDLoRALinear) for m in model.modules()):
         raise ValueError(f"--save-transformer: {TD_LORA_NOT_MERGEABLE}")
-    state = {k: v for k, v in model.state_dict().items() if "router" not in k and "lora_" not in k}
+    state = model.state_dict()
+    for name in router_parameters(model):
+        del state[name]
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            # keep the wrapped Linear only: its adapter tensors (lora_A/B, …) are merged into it below
+            base = f"{name}.base_layer."
+            for key in [k for k in state if k.startswith(f"{name}.") and not k.startswith(base)]:
+                del state[key]
             weight, _ = effective_linear(module)
             state.pop(f"{name}.base_layer.weight")
             state[f"{name}.weight"] = weight

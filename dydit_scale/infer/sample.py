@@ -21,6 +21,7 @@ from dydit_scale.infer.keys import build_scheduler, sampler_time_keys, sampling_
 from dydit_scale.infer.plots import compute_map, labelled_grid, save_mp4, save_png
 from dydit_scale.infer.runs import Consolidate, load_run
 from dydit_scale.models.loading import load_pipeline
+from dydit_scale.models.registry import get_family
 
 __all__ = ["SampleOutputs", "sample_run"]
 
@@ -36,19 +37,6 @@ class SampleOutputs:
     videos: tuple[Path, ...] = ()
 
 
-def _pipeline_kwargs(family: str, recipe: Any, sampler: dict[str, Any], guidance: float) -> dict[str, Any]:
-    height, width = sampler["resolution"]
-    kwargs: dict[str, Any] = dict(num_inference_steps=sampler["steps"], height=height, width=width,
-                                  guidance_scale=guidance, output_type="np")
-    if family == "flux":
-        kwargs["max_sequence_length"] = recipe.data.max_text_tokens
-    elif family == "pixart":
-        kwargs.update(use_resolution_binning=False, max_sequence_length=recipe.data.max_text_tokens)
-    else:
-        kwargs["video_length"] = recipe.data.num_frames
-    return kwargs
-
-
 def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, prompts: list[str] | None = None,
                seeds: list[int] | None = None, guidance: float | None = None, steps: int | None = None,
                resolution: tuple[int, int] | None = None, low_memory: bool = False,
@@ -62,7 +50,7 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
     if not schedule.time_keys.sampler:
         raise ValueError(f"{schedule_dir}: the schedule has no sampler record; export it with dydit-export")
     run = load_run(path, consolidate=consolidate)
-    recipe, family = run.recipe, run.recipe.model.family
+    recipe, family = run.recipe, get_family(run.recipe.model.family)
     if steps is not None or resolution is not None:
         schedule = _restricted(schedule, Path(schedule_dir), recipe, run.model.config, steps, resolution)
     sampler = schedule.time_keys.sampler
@@ -71,7 +59,10 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
     pipe = load_pipeline(recipe.model.path, transformer=model if dtype == torch.float32 else model.to(dtype),
                          dtype=dtype)
     pipe.scheduler = build_scheduler(sampler)
-    kwargs = _pipeline_kwargs(family, recipe, sampler, recipe.validation.guidance_scale if guidance is None else guidance)
+    height, width = sampler["resolution"]
+    kwargs = family.pipeline_kwargs(steps=sampler["steps"], height=height, width=width,
+                                    guidance=recipe.validation.guidance_scale if guidance is None else guidance,
+                                    text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames)
     seeds, prompts = seeds or recipe.validation.seeds, prompts or recipe.validation.prompts
     outputs, first_log = [], None
     for seed in seeds:
@@ -81,10 +72,10 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
                                          leave=False)
             model.dydit_fast.token_log = []
             result = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
-            outputs.append(np.asarray(result.frames[0] if family == "latte" else result.images[0], dtype=np.float32))
+            outputs.append(family.first_output(result))
             first_log = first_log if first_log is not None else model.dydit_fast.token_log
     model.dydit_fast.token_log = None
-    return _write(Path(out), family, outputs, prompts, seeds, schedule, first_log)
+    return _write(Path(out), family.video, outputs, prompts, seeds, schedule, first_log)
 
 
 def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any, steps: int | None,
@@ -108,10 +99,10 @@ def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any,
                          f"dydit-export --steps {steps} --resolution {resolution[0]}x{resolution[1]}") from None
 
 
-def _write(out: Path, family: str, outputs: list[np.ndarray], prompts: list[str], seeds: list[int],
+def _write(out: Path, video: bool, outputs: list[np.ndarray], prompts: list[str], seeds: list[int],
            schedule: RouterSchedule, token_log: list[torch.Tensor | None]) -> SampleOutputs:
     videos: list[Path] = []
-    if family == "latte":  # one row of frames per video, in sampling order (seed-major)
+    if video:  # one row of frames per video, in sampling order (seed-major)
         for index, frames in enumerate(outputs):
             videos.append(save_mp4((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), out / f"sample-{index}.mp4"))
         rows = [f"seed {seed}: {prompt}" for seed in seeds for prompt in prompts]

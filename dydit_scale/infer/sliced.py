@@ -1,8 +1,9 @@
-"""Building blocks of sliced execution: weights of the active units, attention, gather/scatter (§2.5, §3.3).
+"""Building blocks of sliced execution: weights of the active units, attention, kept token rows.
 
 * Q/K/V (and fc1, proj_mlp) keep the *rows* of the active heads / groups (and their bias entries);
   W_O (fc2, the fused proj_out) keeps the matching *columns* and its full bias.
-* LoRA is merged before slicing (§12.2): TD-LoRA with this step's π, peft LoRA with its delta.
+* LoRA is merged before slicing (a sliced `F.linear` bypasses the adapter's forward): TD-LoRA with
+  this step's π, peft LoRA with its delta.
 * Attention runs on |𝓗| heads through `F.scaled_dot_product_attention`, or xformers on CUDA when
   asked for; xformers is imported only then, so CPU runs never import it.
 """
@@ -13,11 +14,11 @@ import importlib.util
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dydit_scale.lora.td_lora import TDLoRALinear
+from dydit_scale.models.dynamic_block import sdpa
 
 __all__ = ["Attention", "Sliced", "attend", "check_attention", "effective_linear", "kept_rows", "slice_linear",
            "unit_index"]
@@ -28,7 +29,7 @@ Attention = Literal["sdpa", "xformers"]
 
 
 def effective_linear(linear: nn.Module) -> Sliced:
-    """(W, b) of a linear with its LoRA merged: TD-LoRA at this forward's π (§12.2), peft's delta."""
+    """(W, b) of a linear with its LoRA merged: TD-LoRA at this forward's π, peft's delta."""
     if isinstance(linear, TDLoRALinear):
         pi = linear.gate.pi
         if pi is None:
@@ -83,11 +84,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 
     `mask`: an SDPA mask broadcastable to [B, h, S_q, S_k] (bool = attend, float = additive).
     """
-    if kind == "xformers":
-        return _xformers_attention(query, key, value, mask)
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         attn_mask=mask, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2)
+    return _xformers_attention(query, key, value, mask) if kind == "xformers" else sdpa(query, key, value, mask)
 
 
 def _xformers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -109,7 +106,7 @@ def _xformers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def kept_rows(token_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Flat indices of the kept tokens of a mask [R, N] (§3.3); None when every token is kept."""
+    """Flat indices of the kept tokens of a mask [R, N]; None when every token is kept."""
     if token_mask is None:
         return None
     rows = token_mask.reshape(-1).nonzero().squeeze(1)

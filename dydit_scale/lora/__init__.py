@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning: TD-LoRA (timestep-gated experts, spec §12) and plain LoRA via peft."""
+"""Parameter-efficient fine-tuning: TD-LoRA (timestep-gated experts) and plain LoRA via peft."""
 
 from dydit_scale.lora.plain import apply_lora, load_lora_diffusers, lora_state_dict, save_lora_diffusers
 from dydit_scale.lora.td_lora import (
@@ -6,12 +6,10 @@ from dydit_scale.lora.td_lora import (
     TDLoRALinear,
     TimestepGate,
     apply_td_lora,
-    clear_timestep_embedding,
     load_td_lora,
     load_td_lora_state_dict,
     read_td_lora_file,
     save_td_lora,
-    set_timestep_embedding,
     td_lora_layers,
     td_lora_state_dict,
 )
@@ -22,7 +20,6 @@ __all__ = [
     "TimestepGate",
     "apply_lora",
     "apply_td_lora",
-    "clear_timestep_embedding",
     "load_lora_diffusers",
     "load_td_lora",
     "load_td_lora_state_dict",
@@ -30,7 +27,6 @@ __all__ = [
     "read_td_lora_file",
     "save_lora_diffusers",
     "save_td_lora",
-    "set_timestep_embedding",
     "td_lora_layers",
     "td_lora_state_dict",
 ]

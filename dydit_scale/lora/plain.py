@@ -23,7 +23,6 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -68,8 +67,7 @@ def _adapter_config(model: nn.Module) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_lora_diffusers(model: nn.Module, folder: str | os.PathLike,
-                        family: Literal["flux", "pixart", "latte"]) -> Path:
+def save_lora_diffusers(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write `<folder>/pytorch_lora_weights.safetensors` in diffusers' format (see module docstring).
 
     The same layout for every family: FLUX loads it with `FluxPipeline.load_lora_weights`; PixArt and
@@ -77,8 +75,6 @@ def save_lora_diffusers(model: nn.Module, folder: str | os.PathLike,
     """
     from diffusers.loaders.lora_base import LoraBaseMixin
 
-    if family not in ("flux", "pixart", "latte"):
-        raise ValueError(f"save_lora_diffusers: family must be flux, pixart or latte, got {family!r}")
     metadata = {f"{_PREFIX}.{k}": v for k, v in _adapter_config(model).items()}
     base_order = reorder_state_dict(lora_state_dict(model), getattr(model, "dydit_spans", []), to_base=True)
     weights = {f"{_PREFIX}.{k}": v.detach().contiguous().cpu() for k, v in base_order.items()}

@@ -1,22 +1,26 @@
-"""TD-LoRA: timestep-gated mixtures of LoRA experts on frozen linears (method spec §12.2 [D]).
+"""TD-LoRA: timestep-gated mixtures of LoRA experts on frozen linears.
 
-For each adapted frozen linear W ∈ R^{out×in}, E experts (A_e ∈ R^{r×in}, B_e ∈ R^{out×r}) with
-r = rank/E are mixed by a per-block gate π(t) = softmax(W_π·e_t + b_π) computed from the *pure*
-timestep embedding e_t (the TDW routers' input, spec §9.3/§10):
+DyDiT++ (arXiv 2504.06803) introduces timestep-based dynamic LoRA (TD-LoRA) for parameter-efficient
+DyDiT training; the exact form below is our own design. For each adapted frozen linear
+W ∈ R^{out×in}, E experts (A_e ∈ R^{r×in}, B_e ∈ R^{out×r}) with r = rank/E are mixed by a
+per-block gate π(t) = softmax(W_π·e_t + b_π) computed from the *pure* timestep embedding e_t (the
+TDW routers' input, free of text and resolution conditioning, so the gate, like the TDW masks,
+depends on t alone and can be merged per step):
 
     y = W·x + b + (α/r)·Σ_e π_e(t)·B_e·(A_e·x)
 
 Decisions (documented for the adapter file and the dynamic blocks):
-* **Scale α/r with r the per-expert rank** (the spec's formula). Since Σ_e π_e = 1, a uniform gate
+* **Scale α/r with r the per-expert rank** (the formula above). Since Σ_e π_e = 1, a uniform gate
   gives (α/r)/E·Σ_e B_e A_e = (α/rank)·B_cat·A_cat: exactly a plain rank-`rank` LoRA with the
   recipe's `alpha/rank` scale, so `lora.kind=lora` and `td_lora` start from the same update size.
 * **Experts are stored concatenated:** `lora_A.weight` [E·r, in] (expert e owns rows e·r…e·r+r−1),
   `lora_B.weight` [out, E·r] (same columns) — two matmuls per layer, peft-like key names.
 * **The base Linear keeps its keys:** `TDLoRALinear` *is* an `nn.Linear` that takes over the original
   `weight`/`bias` Parameters, so `…to_q.weight` stays loadable from base checkpoints and sliceable by
-  the dynamic blocks (use `merged_weight(pi)` when slicing at inference, §12.2 "merge, then slice").
+  the dynamic blocks (use `merged_weight(pi)` when slicing at inference: merge, then slice).
 * **π travels per forward:** each block owns one `TimestepGate` (registered once, at
-  `<block>.td_gate`); `set_timestep_embedding(model, e_t)` computes π [B, E] through the gate's own
+  `<block>.td_gate`); the dynamic model's forward hands e_t to every gate's `prepare_step` (through
+  `dydit_scale.dynamic.routers.broadcast_timestep`), which computes π [B, E] through the gate's own
   module call (ZeRO-3 gathers its parameters) and every `TDLoRALinear` reads it through a plain,
   unregistered reference. π is computed outside the checkpointed blocks, so non-reentrant activation
   checkpointing recomputes the blocks with the same π and its gradient reaches W_π.
@@ -47,9 +51,7 @@ __all__ = [
     "read_td_lora_file",
     "save_td_lora",
     "td_lora_state_dict",
-    "clear_timestep_embedding",
     "match_linears",
-    "set_timestep_embedding",
     "td_lora_layers",
 ]
 
@@ -57,7 +59,7 @@ GATE_NAME = "td_gate"
 
 
 class TimestepGate(nn.Module):
-    """π(t) = softmax(W_π·e_t + b_π) over E LoRA experts, one per block (spec §12.2).
+    """π(t) = softmax(W_π·e_t + b_π) over E LoRA experts, one per block.
 
     W_π = 0, b_π = 0 at init → uniform gate. `pi` holds this forward's [B, E] gate (fp32).
     """
@@ -70,7 +72,7 @@ class TimestepGate(nn.Module):
         self.pi: torch.Tensor | None = None
 
     def forward(self, e_t: torch.Tensor) -> torch.Tensor:
-        """Gate probabilities [B, E] (fp32, spec P19) for the pure timestep embedding e_t [B, C_t]."""
+        """Gate probabilities [B, E] in fp32 for the pure timestep embedding e_t [B, C_t]."""
         logits = F.linear(e_t.to(self.weight.dtype), self.weight, self.bias)
         return torch.softmax(logits.float(), dim=-1)
 
@@ -125,8 +127,9 @@ class TDLoRALinear(nn.Linear):
         pi = self._gate.pi
         if pi is None:
             raise RuntimeError(
-                "TD-LoRA: no timestep embedding set for this forward; call "
-                "dydit_scale.lora.set_timestep_embedding(model, e_t) before the transformer forward"
+                "TD-LoRA: no timestep embedding set for this forward; the dynamic model's forward sets "
+                "it (its gates' prepare_step(e_t), via dydit_scale.dynamic.routers.broadcast_timestep); "
+                "for a plain transformer call broadcast_timestep(model, e_t) before its forward"
             )
         h = self.lora_A(x)
         rows = h.numel() // h.shape[-1]
@@ -139,12 +142,12 @@ class TDLoRALinear(nn.Linear):
         return F.linear(x, self.weight, self.bias) + self.lora_output(x)
 
     def delta_weight(self, pi: torch.Tensor) -> torch.Tensor:
-        """ΔW(t) = (α/r)·Σ_e π_e B_e A_e for a gate π [E] → [out, in] (or [B, E] → [B, out, in]), §12.2."""
+        """ΔW(t) = (α/r)·Σ_e π_e B_e A_e for a gate π [E] → [out, in] (or [B, E] → [B, out, in])."""
         b_gated = self.lora_B.weight * self._pi_per_rank(pi.to(self.lora_B.weight.dtype)).unsqueeze(-2)
         return (b_gated @ self.lora_A.weight) * self.scale
 
     def merged_weight(self, pi: torch.Tensor) -> torch.Tensor:
-        """W + ΔW(t): the per-step merged weight to slice for the active heads/groups (§12.2, §7.4)."""
+        """W + ΔW(t): the per-step merged weight to slice for the active heads/groups."""
         return self.weight + self.delta_weight(pi).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
@@ -224,25 +227,6 @@ def _get_submodule(model: nn.Module, name: str) -> nn.Module | None:
 def td_lora_layers(model: nn.Module) -> dict[str, TDLoRALinear]:
     """Every TD-LoRA layer by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, TDLoRALinear)}
-
-
-def set_timestep_embedding(model: nn.Module, e_t: torch.Tensor) -> None:
-    """Set this forward's gates of every block from the pure timestep embedding e_t [B, C_t].
-
-    Call once per forward (before the blocks run), outside any activation-checkpointed region.
-    """
-    gates = [m for m in model.modules() if isinstance(m, TimestepGate)]
-    if not gates:
-        raise ValueError("set_timestep_embedding: the model has no TD-LoRA gates (apply_td_lora first)")
-    for gate in gates:
-        gate.set_timestep_embedding(e_t)
-
-
-def clear_timestep_embedding(model: nn.Module) -> None:
-    """Drop the held gates (and their autograd graph) after the step; a forward without π then raises."""
-    for module in model.modules():
-        if isinstance(module, TimestepGate):
-            module.pi = None
 
 
 # --------------------------------------------------------------------------- (de)serialisation

@@ -1,10 +1,11 @@
-"""Dynamic `BasicTransformerBlock` with `ada_norm_single`, shared by PixArt-α and Latte (spec §10, §11).
+"""Dynamic `BasicTransformerBlock` with `ada_norm_single`, shared by PixArt-α and Latte.
 
-Order of operations (spec §4): self-attention with the head mask before W_O → cross-attention
-(static unless `dynamic.cross_attention`, then its own head router) → the DiT-style token router on
-the residual stream → FFN with the group mask before GELU, the token mask on the gated output.
+Order of operations: self-attention with the head mask before W_O → cross-attention (static unless
+`dynamic.cross_attention`, then its own head router) → the DiT-style token router on the residual
+stream → FFN with the group mask before GELU, the token mask on the gated output.
 Block rows may be several per sample (Latte: B·F spatial, B·S temporal, sample-major); per-sample
 TDW masks are repeated to the rows, token masks are per row.
+The forward is written against the ops of `DynamicBlock`: masked here, sliced on the fast path.
 """
 
 from __future__ import annotations
@@ -12,23 +13,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from torch import nn
 
 from dydit_scale.config import DynamicConfig
-from dydit_scale.dynamic import flops
 from dydit_scale.dynamic.importance import PermutedSpan, UnitSlice, permute_block
-from dydit_scale.dynamic.masks import mask_tokens, mask_units
-from dydit_scale.dynamic.routers import ForwardState, TimestepRouter, TokenRouter
-from dydit_scale.models.dynamic_model import (
-    check_feed_forward,
-    masked_feed_forward,
-    mlp_groups,
-    move_children,
-    timestep_router,
-)
+from dydit_scale.dynamic.masks import mask_units
+from dydit_scale.dynamic.routers import TokenRouter
+from dydit_scale.dynamic.schedule import TokenShape
+from dydit_scale.models.dynamic_block import DynamicBlock
+from dydit_scale.models.dynamic_model import check_feed_forward, mlp_groups, move_children, timestep_router
 
 __all__ = ["BlockKind", "DyAdaLNTransformerBlock", "check_adaln_block", "head_parts", "permute_adaln_block"]
 
@@ -36,41 +30,9 @@ __all__ = ["BlockKind", "DyAdaLNTransformerBlock", "check_adaln_block", "head_pa
 BlockKind = Literal["pixart", "latte_spatial", "latte_temporal"]
 
 
-def masked_attention(
-    attn: Attention,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    head_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Attention with the head mask [B, H] before W_O (spec §2.4).
-
-    Adapted from diffusers 0.42.1 `AttnProcessor2_0.__call__` for 3-D inputs and the plain
-    `Attention` that `check_adaln_block` admits (no norms, no residual, unfused projections).
-    """
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    batch, length = context.shape[:2]
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[1](attn.to_out[0](mask_units(out, head_mask)))
-    return out / attn.rescale_output_factor
-
-
-def _decision(router: TimestepRouter | None) -> torch.Tensor | None:
-    return None if router is None else router.decision
-
-
-class DyAdaLNTransformerBlock(ForwardState, nn.Module):
+class DyAdaLNTransformerBlock(DynamicBlock):
     """Dynamic PixArt-α / Latte block: TDW over self-attention heads (and optionally cross-attention
     heads) and FFN groups, SDT before the FFN."""
-
-    _per_forward = ("_record",)
 
     def __init__(self, block: BasicTransformerBlock, config: DynamicConfig, kind: BlockKind, where: str):
         super().__init__()
@@ -80,6 +42,8 @@ class DyAdaLNTransformerBlock(ForwardState, nn.Module):
         width, like = block.dim, self.attn1.to_q.weight
         self.heads, self.head_dim = self.attn1.heads, self.attn1.to_q.out_features // self.attn1.heads
         self.hidden = self.ff.net[0].proj.out_features
+        if self.attn2 is not None:
+            self.cross_heads, self.context_width = self.attn2.heads, self.attn2.to_k.in_features
         self.groups = mlp_groups(config, self.heads, self.hidden, f"{where}.ff")
         self.head_router = timestep_router(width, self.heads, config, like) if config.heads else None
         self.cross_head_router = None
@@ -90,12 +54,13 @@ class DyAdaLNTransformerBlock(ForwardState, nn.Module):
         if config.tokens:
             router = TokenRouter(width, tau=config.tau, bias=config.token_router_bias)
             self.token_router = router.to(device=like.device, dtype=like.dtype)
-        self._batch: int | None = None
-        self._record: dict[str, Any] | None = None
 
-    def prepare_step(self, timestep_embedding: torch.Tensor) -> None:
-        """Start a forward: nothing recorded yet (a Latte temporal block may not run at all)."""
-        self._batch, self._record = timestep_embedding.shape[0], None
+    def last_macs(self) -> tuple[torch.Tensor, float] | None:
+        """As `DynamicBlock.last_macs`; a block prepared but not run (Latte with
+        enable_temporal_attentions=False) counts nothing."""
+        if self._record is None and self._batch is not None:
+            return torch.zeros(self._batch), 0.0
+        return super().last_macs()
 
     def forward(
         self,
@@ -117,8 +82,7 @@ class DyAdaLNTransformerBlock(ForwardState, nn.Module):
             self.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)
         ).chunk(6, dim=1)
         norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
-        head_mask = _decision(self.head_router)
-        attn_output = masked_attention(self.attn1, norm_hidden_states, None, attention_mask, head_mask)
+        attn_output = self._attention("attn1", "heads", norm_hidden_states, None, attention_mask)
         hidden_states = gate_msa * attn_output + hidden_states
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.squeeze(1)
@@ -131,63 +95,52 @@ class DyAdaLNTransformerBlock(ForwardState, nn.Module):
                     hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask
                 )
             else:
-                attn_output = masked_attention(
-                    self.attn2, hidden_states, encoder_hidden_states, encoder_attention_mask,
-                    self.cross_head_router.decision,
+                attn_output = self._attention(
+                    "attn2", "cross_heads", hidden_states, encoder_hidden_states, encoder_attention_mask
                 )
             hidden_states = attn_output + hidden_states
 
         token_mask = None if self.token_router is None else self.token_router(hidden_states)
         norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
-        ff_output = gate_mlp * masked_feed_forward(self.ff, norm_hidden_states, self.mlp_router.decision)
-        hidden_states = mask_tokens(ff_output, token_mask) + hidden_states
+        hidden_states = self._routed_update(hidden_states, token_mask, gate_mlp, self._mlp, norm_hidden_states)
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.squeeze(1)
 
-        self._record = self._counts(hidden_states, token_mask, context_tokens)
+        self._end_forward(token_mask, *self._token_shape(hidden_states, context_tokens))
         return hidden_states
 
-    def _counts(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, context_tokens: int
-    ) -> dict[str, Any]:
-        """Per-sample (not per-row) active heads, group fraction and active tokens, fp32 [B]."""
+    def _mlp(self, norm_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._feed_forward("ff", "mlp", norm_hidden_states)
+
+    def _token_shape(self, hidden_states: torch.Tensor, context_tokens: int) -> tuple[int, TokenShape]:
+        """(samples, tokens per sample) of block rows [R, N, C]: a Latte temporal block's rows are the
+        positions of a frame and its tokens the frames; the other kinds' rows are frames."""
         rows, tokens = hidden_states.shape[:2]
         batch = self._batch or rows
-        ones = torch.ones(batch, device=hidden_states.device)
-        active = ones * (rows // batch * tokens) if token_mask is None else token_mask.reshape(batch, -1).sum(-1)
-        return dict(
-            rows_per_sample=rows // batch, tokens=tokens, context_tokens=context_tokens,
-            active_heads=ones * self.heads if self.head_router is None else self.head_router.decision.sum(-1),
-            cross_heads=None if self.cross_head_router is None else self.cross_head_router.decision.sum(-1),
-            group_fraction=self.mlp_router.decision.mean(-1),
-            active_tokens=active,
-        )
+        per_sample = rows // batch
+        if self.kind == "latte_temporal":
+            return batch, TokenShape(image_tokens=per_sample, text_tokens=context_tokens, frames=tokens)
+        return batch, TokenShape(image_tokens=tokens, text_tokens=context_tokens, frames=per_sample)
 
-    def last_macs(self) -> tuple[torch.Tensor, float] | None:
-        """(per-sample MACs [B] of the last forward, full-width MACs), spec §5.3 PixArt / Latte."""
-        if self._batch is None:
-            return None
-        if self._record is None:  # prepared but not run (Latte with enable_temporal_attentions=False)
-            return torch.zeros(self._batch), 0.0
-        dynamic = {key: self._record[key] for key in ("active_heads", "group_fraction", "active_tokens")}
-        return self._macs(dynamic, self._record["cross_heads"]), float(self._macs({}, None))
+    def _attention(self, prefix: str, role: str, hidden_states: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with the head mask of `role` before W_O, so a masked head contributes nothing.
 
-    def _macs(self, dynamic: dict[str, Any], cross_heads: torch.Tensor | None) -> torch.Tensor | float:
-        """Block MACs per sample from the flops.py formula of this block kind."""
-        rec = self._record
-        shape = dict(width=self.heads * self.head_dim, head_dim=self.head_dim, heads=self.heads,
-                     mlp_ratio=self.hidden / (self.heads * self.head_dim))
-        context = dict(context_tokens=rec["context_tokens"], cross_heads=cross_heads,
-                       context_width=None if self.attn2 is None else self.attn2.to_k.in_features)
-        if self.kind == "pixart":
-            return flops.pixart_block_macs(tokens=rec["tokens"], **context, **shape, **dynamic)
-        if self.kind == "latte_spatial":
-            return flops.latte_spatial_block_macs(
-                frames=rec["rows_per_sample"], tokens_per_frame=rec["tokens"], **context, **shape, **dynamic
-            )
-        return flops.latte_temporal_block_macs(
-            frames=rec["tokens"], tokens_per_frame=rec["rows_per_sample"], **shape, **dynamic
-        )
+        Adapted from diffusers 0.42.1 `AttnProcessor2_0.__call__` for 3-D inputs and the plain
+        `Attention` that `check_adaln_block` admits (no norms, no residual, unfused projections).
+        """
+        attn: Attention = getattr(self, prefix)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, length = context.shape[:2]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        head_dim = attn.to_q.out_features // attn.heads
+        inputs = (("to_q", hidden_states), ("to_k", context), ("to_v", context))
+        query, key, value = (self._linear(f"{prefix}.{p}", x).unflatten(-1, (-1, head_dim)) for p, x in inputs)
+        out = self._attend(query, key, value, attention_mask).flatten(2).to(query.dtype)
+        out = attn.to_out[1](self._linear(f"{prefix}.to_out.0", mask_units(out, self._unit_mask(role))))
+        return out / attn.rescale_output_factor
 
 
 def _check_attention(attn: Attention, where: str) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dydit_scale.config import DynamicConfig, LoraConfig, ModelConfig
+from dydit_scale.dynamic.routers import router_parameters
 from dydit_scale.lora import apply_lora, apply_td_lora
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.loading import load_transformer
@@ -56,9 +57,8 @@ def build_dynamic_transformer(model_cfg: ModelConfig, dynamic_cfg: DynamicConfig
         apply_lora(model, targets=lora_cfg.targets, rank=lora_cfg.rank, alpha=lora_cfg.alpha, block_prefixes=blocks)
     else:
         model.requires_grad_(True)
-    for name, param in model.named_parameters():
-        if "router" in name:
-            param.requires_grad_(True)
+    for param in router_parameters(model).values():
+        param.requires_grad_(True)
     return model
 
 

@@ -1,11 +1,12 @@
-"""What the dynamic FLUX, PixArt-α and Latte models share: the per-forward e_t, masked FFN, checks.
+"""What the dynamic FLUX, PixArt-α and Latte models share: the per-forward e_t, router and FFN checks.
 
 A dynamic transformer is the user's diffusers model whose class was switched to a thin subclass
 (`DynamicTransformerMixin` + the diffusers class) and whose blocks were replaced by dynamic blocks
 that own the original submodules. Its forward computes the pure timestep embedding e_t (never
-pooled text, guidance or resolution embeddings, P11), hands it to every router and block through
-`broadcast_timestep` (so the TDW masks of the whole forward are sampled once, before the blocks and
-outside activation checkpointing, P16), then runs the unchanged diffusers forward.
+pooled text, guidance or resolution embeddings: the routers must see the noise level, not the
+prompt), hands it to every router and block through `broadcast_timestep` (so the TDW masks of the
+whole forward are sampled once, before the blocks and outside activation checkpointing, and a
+checkpointed recomputation sees the same masks), then runs the unchanged diffusers forward.
 """
 
 from __future__ import annotations
@@ -21,21 +22,20 @@ from torch import nn
 
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.importance import PermutedSpan
-from dydit_scale.dynamic.masks import mask_units
 from dydit_scale.dynamic.routers import TimestepRouter, broadcast_timestep
 
 __all__ = [
     "DynamicTransformerMixin",
     "check_feed_forward",
-    "masked_feed_forward",
     "mlp_groups",
     "move_children",
+    "stock_signature",
     "timestep_router",
 ]
 
 
 @functools.cache
-def _stock_signature(cls: type) -> inspect.Signature:
+def stock_signature(cls: type) -> inspect.Signature:
     """Signature of the diffusers forward that `cls` (a dynamic subclass) extends, self included."""
     return inspect.signature(super(DynamicTransformerMixin, cls).forward)
 
@@ -58,7 +58,7 @@ class DynamicTransformerMixin:
         raise NotImplementedError
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = _stock_signature(type(self)).bind(self, *args, **kwargs)
+        bound = stock_signature(type(self)).bind(self, *args, **kwargs)
         hidden_states, timestep = bound.arguments["hidden_states"], bound.arguments["timestep"]
         broadcast_timestep(self, self.timestep_embedding(timestep, hidden_states.shape[0]))
         return super().forward(*args, **kwargs)
@@ -66,7 +66,8 @@ class DynamicTransformerMixin:
 
 def move_children(source: nn.Module, target: nn.Module) -> None:
     """Register every child module and direct parameter of `source` on `target` (same names, same
-    objects), so a dynamic block keeps the diffusers state-dict keys (architecture rule 3)."""
+    objects), so a dynamic block keeps the diffusers state-dict keys: base weights load and save in
+    the stock layout."""
     for name, child in source.named_children():
         target.add_module(name, child)
     for name, param in source.named_parameters(recurse=False):
@@ -97,14 +98,3 @@ def check_feed_forward(ff: nn.Module, where: str) -> None:
         act = type(ff.net[0]).__name__ if isinstance(ff, FeedForward) else type(ff).__name__
         raise ValueError(f"make_dynamic: {where} must be a FeedForward with a GELU activation, got {act}")
 
-
-def masked_feed_forward(ff: FeedForward, hidden: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
-    """FFN with the channel-group mask before the activation (spec §2.4; GELU(0) = 0).
-
-    Adapted from diffusers 0.42.1 `FeedForward.forward` and `GELU.forward`.
-    """
-    act = ff.net[0]
-    hidden = act.gelu(mask_units(act.proj(hidden), group_mask))
-    for module in ff.net[1:]:
-        hidden = module(hidden)
-    return hidden

@@ -12,16 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dydit_scale.models.registry import all_families, family_of, get_family
+
 if TYPE_CHECKING:  # torch loads with the weights, so folder checks stay cheap
     import torch
-
-#: family -> (diffusers transformer class, diffusers pipeline class)
-FAMILY_CLASSES: dict[str, tuple[str, str]] = {
-    "flux": ("FluxTransformer2DModel", "FluxPipeline"),
-    "pixart": ("PixArtTransformer2DModel", "PixArtAlphaPipeline"),
-    "latte": ("LatteTransformer3DModel", "LattePipeline"),
-}
-_SUPPORTED = ", ".join(cls for cls, _ in FAMILY_CLASSES.values())
 
 
 class ModelFolderError(ValueError):
@@ -46,19 +40,22 @@ def transformer_folder(path: str | Path) -> Path:
 
 
 def detect_family(path: str | Path, expected: str | None = None) -> str:
-    """The family (`flux`, `pixart`, `latte`) of the transformer stored under `path`; it must be
-    `expected` when given."""
+    """The registered family of the transformer stored under `path`; it must be `expected` when given.
+
+    Matching the class name imports the family modules (and torch), so it runs only once the
+    folder itself checks out."""
     folder = transformer_folder(path)
     try:
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{folder / 'config.json'}: not valid JSON ({exc.msg})") from None
-    found = next((family for family, (cls, _) in FAMILY_CLASSES.items() if class_name == cls), None)
+    found = family_of(str(class_name))
     if found is None:
-        raise ModelFolderError(f"{folder}: transformer class {class_name!r} is not supported; expected one of {_SUPPORTED}")
-    if expected is not None and found != expected:
-        raise ModelFolderError(f"{path}: holds a {found} transformer, but model.family is {expected!r}")
-    return found
+        supported = ", ".join(family.transformer_class.__name__ for family in all_families())
+        raise ModelFolderError(f"{folder}: transformer class {class_name!r} is not supported; expected one of {supported}")
+    if expected is not None and found.name != expected:
+        raise ModelFolderError(f"{path}: holds a {found.name} transformer, but model.family is {expected!r}")
+    return found.name
 
 
 def pipeline_folder(path: str | Path) -> Path:
@@ -81,13 +78,10 @@ def pipeline_folder(path: str | Path) -> Path:
 
 def load_transformer(path: str | Path, family: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load the diffusers transformer under `path` offline (fp32 unless `dtype`); check it is of `family` when given."""
-    import diffusers
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-
-    found = detect_family(path, expected=family)
-    cls = getattr(diffusers, FAMILY_CLASSES[found][0])
+    cls = get_family(detect_family(path, expected=family)).transformer_class
     folder = transformer_folder(path)
     with _named_load_errors(folder):
         return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
@@ -103,7 +97,7 @@ def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, 
     dtype = torch.float32 if dtype is None else dtype
 
     path = pipeline_folder(path)
-    cls = getattr(diffusers, FAMILY_CLASSES[detect_family(path)][1])
+    cls = getattr(diffusers, get_family(detect_family(path)).pipeline_class)
     extra = {"transformer": transformer} if transformer is not None or drop_transformer else {}
     with _named_load_errors(path):
         return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)

@@ -1,20 +1,25 @@
-"""DyPixArt-α: the PixArt-α transformer with dynamic blocks (method spec §10)."""
+"""DyPixArt-α: PixArt-α (DDPM, T5 cross-attention, adaLN-single) with dynamic blocks."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from dydit_scale.config import DynamicConfig
-from dydit_scale.dynamic.importance import PermutedSpan
-from dydit_scale.models.adaln_block import DyAdaLNTransformerBlock, check_adaln_block, permute_adaln_block
+from dydit_scale.models import tiny
+from dydit_scale.models.adaln_block import BlockKind, DyAdaLNTransformerBlock, check_adaln_block, permute_adaln_block
+from dydit_scale.models.convert import BlockStack, convert_stacks
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
+from dydit_scale.models.family import Family
 
-__all__ = ["DyPixArtTransformer2DModel", "adaln_timestep_embedding", "convert_pixart"]
+__all__ = ["FAMILY", "DyPixArtTransformer2DModel", "adaln_stack", "adaln_timestep_embedding", "convert_pixart"]
 
 
 def adaln_timestep_embedding(model: torch.nn.Module, timestep: torch.Tensor, batch: int) -> torch.Tensor:
-    """e_t = adaln_single.emb.timestep_embedder(time_proj(t)), without resolution/aspect embeddings (P11).
+    """e_t = adaln_single.emb.timestep_embedder(time_proj(t)), without the resolution and aspect
+    embeddings: the routers must see the noise level only.
 
     Mirrors the timestep branch of diffusers 0.42.1 `PixArtAlphaCombinedTimestepSizeEmbeddings.forward`.
     """
@@ -28,22 +33,66 @@ class DyPixArtTransformer2DModel(DynamicTransformerMixin, PixArtTransformer2DMod
     """A `PixArtTransformer2DModel` whose blocks are dynamic (made by `make_dynamic`)."""
 
     def timestep_embedding(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
-        return adaln_timestep_embedding(self, timestep, batch)
+        return FAMILY.timestep_embedding(self, timestep, batch)
+
+
+def adaln_stack(attr: str, kind: BlockKind) -> BlockStack:
+    """A stack of ada_norm_single `BasicTransformerBlock`s (PixArt-α, Latte) made `kind` dynamic blocks."""
+    return BlockStack(attr, check_adaln_block, permute_adaln_block,
+                      lambda block, config, where: DyAdaLNTransformerBlock(block, config, kind, where))
 
 
 def convert_pixart(model: PixArtTransformer2DModel, config: DynamicConfig) -> DyPixArtTransformer2DModel:
     """Permute, then swap every block for a `DyAdaLNTransformerBlock`, in place."""
-    blocks = model.transformer_blocks
-    for index, block in enumerate(blocks):
-        check_adaln_block(block, config, f"transformer_blocks.{index}")
-    perms: dict[str, torch.Tensor] = {}
-    spans: list[PermutedSpan] = []
-    for index, block in enumerate(blocks):
-        where = f"transformer_blocks.{index}"
-        block_perms, block_spans = permute_adaln_block(block, config, where)
-        perms.update(block_perms)
-        spans += block_spans
-        blocks[index] = DyAdaLNTransformerBlock(block, config, "pixart", where)
-    model.__class__ = DyPixArtTransformer2DModel
-    model.dydit_config, model.dydit_permutations, model.dydit_spans = config, perms, spans
-    return model
+    return convert_stacks(model, config, (adaln_stack("transformer_blocks", "pixart"),), DyPixArtTransformer2DModel)
+
+
+class PixArtFamily(Family):
+    """PixArt-α: DDPM ε-prediction with learned σ, T5 captions with an attention mask."""
+
+    name = "pixart"
+    objective = "ddpm"
+    transformer_class = PixArtTransformer2DModel
+    pipeline_class = "PixArtAlphaPipeline"
+    samplers = {"dpm_solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+    tiny_config = dict(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=32, sample_size=8, patch_size=2, norm_num_groups=1,
+        caption_channels=32, use_additional_conditions=False, norm_type="ada_norm_single",
+    )
+
+    def make_dynamic(self, model: torch.nn.Module, config: DynamicConfig) -> torch.nn.Module:
+        return convert_pixart(model, config)
+
+    def timestep_embedding(self, model: torch.nn.Module, timestep: torch.Tensor, batch: int) -> torch.Tensor:
+        return adaln_timestep_embedding(model, timestep, batch)
+
+    def transformer_inputs(self, transformer: torch.nn.Module, noisy: torch.Tensor, timestep: torch.Tensor,
+                           text: dict[str, torch.Tensor], *, latent_hw: tuple[int, int],
+                           guidance: float) -> dict[str, Any]:
+        kwargs = super().transformer_inputs(transformer, noisy, timestep, text, latent_hw=latent_hw,
+                                            guidance=guidance)
+        return kwargs | {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def example_inputs(self, config: Any, *, batch: int, text_tokens: int, generator: torch.Generator,
+                       latent_hw: tuple[int, int] | None = None) -> dict[str, Any]:
+        inputs = super().example_inputs(config, batch=batch, text_tokens=text_tokens, generator=generator,
+                                        latent_hw=latent_hw)
+        return inputs | {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def pipeline_kwargs(self, *, steps: int, height: int, width: int, guidance: float, text_tokens: int,
+                        frames: int) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(steps=steps, height=height, width=width, guidance=guidance,
+                                         text_tokens=text_tokens, frames=frames)
+        return kwargs | {"use_resolution_binning": False, "max_sequence_length": text_tokens}
+
+    def tiny_pipeline(self, transformer: torch.nn.Module) -> Any:
+        import diffusers
+
+        t5_tok, t5 = tiny.t5_text_encoder(max_length=32)
+        return diffusers.PixArtAlphaPipeline(tokenizer=t5_tok, text_encoder=t5, vae=tiny.vae(4, flux=False),
+                                             transformer=transformer,
+                                             scheduler=diffusers.DPMSolverMultistepScheduler())
+
+
+FAMILY = PixArtFamily()

@@ -1,46 +1,24 @@
 """Random-init tiny diffusers pipelines, built in-process, for the tests and the CPU demo.
 
 Nothing is downloaded: transformers, VAE and text encoders come from constructor arguments and the
-tokenizers are trained on a few strings (stack.md §4). Sizes keep every test fast while leaving at
-least 2 blocks of each kind and 4 attention heads, so dynamic width has something to choose from.
+tokenizers are trained on a few strings, because no model hub is reachable. Each family's tiny
+transformer config and pipeline layout live in its `Family` record; the parts here are shared.
+Sizes keep every test fast while leaving at least 2 blocks of each kind and 4 attention heads, so
+dynamic width has something to choose from.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Family = Literal["flux", "pixart", "latte"]
 
-#: Constructor arguments of the tiny transformer of each family (diffusers 0.42).
-TINY_TRANSFORMER_CONFIGS: dict[str, dict] = {
-    "flux": dict(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-    ),
-    "pixart": dict(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=32, sample_size=8, patch_size=2, norm_num_groups=1,
-        caption_channels=32, use_additional_conditions=False, norm_type="ada_norm_single",
-    ),
-    "latte": dict(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=32, attention_bias=True, sample_size=8, patch_size=2,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32, video_length=4,
-    ),
-}
+def tiny_transformer(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random-init tiny diffusers transformer of `family` (fp32, eval mode), from its `tiny_config`."""
+    from dydit_scale.models.registry import get_family
 
-
-def tiny_transformer(family: Family, seed: int = 0) -> torch.nn.Module:
-    """A random-init tiny diffusers transformer of `family` (fp32, eval mode)."""
-    from diffusers import FluxTransformer2DModel, LatteTransformer3DModel, PixArtTransformer2DModel
-
-    classes = {"flux": FluxTransformer2DModel, "pixart": PixArtTransformer2DModel, "latte": LatteTransformer3DModel}
+    record = get_family(family)
     torch.manual_seed(seed)
-    model = classes[family](**TINY_TRANSFORMER_CONFIGS[family])
+    model = record.transformer_class(**record.tiny_config)
     _randomise_zero_inits(model, seed)
     return model.eval()
 
@@ -68,7 +46,8 @@ _CORPUS = [
 ]
 
 
-def _t5(max_length: int):
+def t5_text_encoder(max_length: int):
+    """A tiny T5 encoder and a tokenizer trained on the shape-caption vocabulary."""
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     tokenizer = T5Tokenizer(vocab=None, extra_ids=0).train_new_from_iterator(_CORPUS, vocab_size=200)
@@ -81,14 +60,32 @@ def _t5(max_length: int):
     return tokenizer, T5EncoderModel(config).eval()
 
 
-def _clip():
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+def _word_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE vocabulary whose merges spell every corpus word left to right, so each word is one
+    token. Built by hand because the BPE trainer breaks ties between equally frequent pairs in a
+    different order on every run, which would change the token ids of the same folder's captions."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in "abcdefghijklmnopqrstuvwxyz":
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[]).train_new_from_iterator(_CORPUS, vocab_size=300)
+    merges: list[tuple[str, str]] = []
+    for word in sorted({word for caption in _CORPUS for word in caption.split()}):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            if prefix + piece not in vocab:
+                merges.append((prefix, piece))
+                vocab[prefix + piece] = len(vocab)
+            prefix += piece
+    return vocab, merges
+
+
+def clip_text_encoder():
+    """A tiny CLIP text encoder (with pooled output) and its BPE tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _word_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
     tokenizer.model_max_length = 77
     config = CLIPTextConfig(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -99,7 +96,8 @@ def _clip():
     return tokenizer, CLIPTextModel(config).eval()
 
 
-def _vae(latent_channels: int, flux: bool):
+def vae(latent_channels: int, flux: bool):
+    """A tiny 2-level KL VAE (scale 2); FLUX's has a shift factor and no quant convs."""
     from diffusers import AutoencoderKL
 
     extra = dict(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
@@ -110,32 +108,15 @@ def _vae(latent_channels: int, flux: bool):
     ).eval()
 
 
-def tiny_pipeline(family: Family, seed: int = 0):
+def tiny_pipeline(family: str, seed: int = 0):
     """A complete random-init diffusers pipeline of `family`, built in-process."""
-    import diffusers
+    from dydit_scale.models.registry import get_family
 
     torch.manual_seed(seed)
     transformer = tiny_transformer(family, seed)
-    if family == "flux":
-        clip_tok, clip = _clip()
-        t5_tok, t5 = _t5(max_length=32)
-        return diffusers.FluxPipeline(
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_vae(4, flux=True),
-            text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-            transformer=transformer,
-        )
-    t5_tok, t5 = _t5(max_length=32)
-    if family == "pixart":
-        return diffusers.PixArtAlphaPipeline(
-            tokenizer=t5_tok, text_encoder=t5, vae=_vae(4, flux=False), transformer=transformer,
-            scheduler=diffusers.DPMSolverMultistepScheduler(),
-        )
-    return diffusers.LattePipeline(
-        tokenizer=t5_tok, text_encoder=t5, vae=_vae(4, flux=False), transformer=transformer,
-        scheduler=diffusers.DDIMScheduler(),
-    )
+    return get_family(family).tiny_pipeline(transformer)
 
 
-def write_tiny_pipeline(family: Family, out: str, seed: int = 0) -> None:
+def write_tiny_pipeline(family: str, out: str, seed: int = 0) -> None:
     """Save `tiny_pipeline(family)` as a diffusers folder that `*Pipeline.from_pretrained` loads offline."""
     tiny_pipeline(family, seed).save_pretrained(out, safe_serialization=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from dydit_scale import dist
 from dydit_scale.config import Recipe
+from dydit_scale.dynamic.routers import router_parameters
 from dydit_scale.io import save_tensors
 from dydit_scale.lora import save_lora_diffusers, save_td_lora
 
@@ -31,14 +32,15 @@ def _gathered(params: list[nn.Parameter]):
 
 def save_adapters(model: nn.Module, recipe: Recipe, folder: Path) -> None:
     """Write `routers.safetensors` and the LoRA file of `lora.kind` into `folder` (call on all ranks)."""
+    routers = router_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    with _gathered(trainable):
+    seen = {id(p) for p in trainable}
+    with _gathered(trainable + [p for p in routers.values() if id(p) not in seen]):
         if not dist.is_main():
             return
-        routers = {n: p for n, p in model.named_parameters() if "router" in n}
         save_tensors(folder / ROUTERS_FILE, routers,
                      metadata={"format": "dydit_scale.routers", "family": recipe.model.family})
         if recipe.lora.kind == "td_lora":
             save_td_lora(model, folder / TD_LORA_FILE)
         elif recipe.lora.kind == "lora":
-            save_lora_diffusers(model, folder, recipe.model.family)
+            save_lora_diffusers(model, folder)

@@ -1,6 +1,6 @@
 """Atomic, resumable checkpoints: DeepSpeed state + our own per-rank state, committed by a rename.
 
-Save protocol (architecture §2.9; torchtitan's metadata-marker rule):
+Save protocol (torchtitan's metadata-marker rule):
 1. every rank: `engine.save_checkpoint(root, tag="step-NNNNNNN.partial")` and its own
    `rank-R.json` (data-loader position, RNG states) inside that folder;
 2. barrier;

@@ -49,8 +49,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def build_ds_config(recipe: Recipe, world_size: int, *, torch_adam: bool = True) -> dict[str, Any]:
     """DeepSpeed config for `recipe` at `world_size` ranks.
 
-    `torch_adam=True` keeps DeepSpeed from JIT-compiling its fused/CPU Adam (minutes on CPU; stack §3).
-    The LR schedule is ours (a LambdaLR that keeps per-group router LR scales), so no `scheduler`.
+    `torch_adam=True` keeps DeepSpeed from JIT-compiling its fused/CPU Adam (minutes on CPU).
+    No `scheduler` key: the LR schedule (`engine.build_lr_scheduler`, diffusers' `get_scheduler`) goes
+    to `deepspeed.initialize` as an object, since it scales each group's own base LR (router LR scale).
     """
     if world_size < 1:
         raise ValueError(f"world_size: expected an integer >= 1, got {world_size}")
@@ -81,6 +82,6 @@ def build_ds_config(recipe: Recipe, world_size: int, *, torch_adam: bool = True)
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if recipe.checkpoint.universal:  # resume from ds_to_universal's output: any world size (issue 8)
+    if recipe.checkpoint.universal:  # resume from ds_to_universal's output: any world size
         config["checkpoint"] = {"load_universal": True}
     return _merge(config, recipe.train.deepspeed)

@@ -1,11 +1,10 @@
 """DeepSpeed engine construction: parameter groups, LR schedule, and a ZeRO-3-correct EMA.
 
-DeepSpeed is driven directly (`deepspeed.initialize`); accelerate mis-detects ranks on CPU (stack §3).
+DeepSpeed is driven directly (`deepspeed.initialize`): accelerate mis-detects ranks on CPU.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,34 +13,40 @@ import torch
 
 from dydit_scale import dist
 from dydit_scale.config import Recipe
+from dydit_scale.dynamic.routers import router_parameters
 from dydit_scale.train.ds_config import build_ds_config
+
+#: `optim.schedule` -> the diffusers scheduler (`diffusers.optimization.SchedulerType`) that runs it.
+#: Every one ramps linearly over `optim.warmup_steps` first (diffusers' "constant" would skip the
+#: warm-up, so constant maps to "constant_with_warmup"). The recipe schema accepts only these names.
+LR_SCHEDULES: dict[str, str] = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
 def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: routers (lr × dynamic.router_lr_scale) and the rest."""
+    """Trainable parameters in two groups: routers (lr × dynamic.router_lr_scale) and the rest.
+
+    Routers are found by module type (`router_parameters`), so an adapter or user layer whose name
+    contains "router" stays in the weights group.
+    """
+    router_ids = {id(param) for param in router_parameters(model).values()}
     routers, others = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (routers if "router" in name else others).append(param)
+            (routers if id(param) in router_ids else others).append(param)
     lr = recipe.optim.lr
     groups = [{"params": others, "lr": lr, "name": "weights"},
               {"params": routers, "lr": lr * recipe.dynamic.router_lr_scale, "name": "routers"}]
     return [g for g in groups if g["params"]]
 
 
-def lr_lambda(recipe: Recipe):
-    """Multiplier of each group's base LR at optimizer step s: linear warm-up, then the schedule."""
-    warmup, total, kind = recipe.optim.warmup_steps, recipe.train.steps, recipe.optim.schedule
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' `get_scheduler` for `optim.schedule` over `train.steps` optimizer steps, after a linear
+    warm-up of `optim.warmup_steps` (from 0 at the first step, diffusers' convention); each group's
+    LR is scaled from its own base LR."""
+    from diffusers.optimization import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return factor
+    return get_scheduler(LR_SCHEDULES[recipe.optim.schedule], optimizer,
+                         num_warmup_steps=recipe.optim.warmup_steps, num_training_steps=recipe.train.steps)
 
 
 def jit_build_note(builder_name: str) -> str | None:
@@ -88,13 +93,14 @@ def build_engine(model: torch.nn.Module, recipe: Recipe):
         announce_jit_build(builder)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, recipe), config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)),
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, recipe),
     )
     return engine, optimizer, scheduler
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, kept in fp32 (method spec P21).
+    """Exponential moving average of the trainable weights, kept in fp32 (a bf16 shadow would lose
+    updates smaller than its precision).
 
     Under ZeRO-3 each rank averages only its own partition (`param.ds_tensor`), so the EMA is
     sharded exactly like the parameters and costs 1/world of a full copy; otherwise the full

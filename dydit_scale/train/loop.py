@@ -1,8 +1,9 @@
-"""The training loop: one Trainer, no subclasses; a step reads like spec §6.
+"""The training loop: one Trainer, no subclasses.
 
-A step: batch → frozen encoders → noise + stratified t → dynamic model (one 2B forward during the
-complete-model warm-up, §6.4) → diffusion loss + FLOPs loss (Eq. 6) → engine.backward/step →
-metrics → maybe checkpoint / validation.
+A step: batch → frozen encoders → noise + stratified t → dynamic model (during the complete-model
+warm-up, one forward of 2B rows: the batch with routers deciding, then with every router bypassed,
+so both loss terms share one forward before the backward) → diffusion loss + FLOPs loss (the DyDiT
+paper's Eq. 6) → engine.backward/step → metrics → maybe checkpoint / validation.
 
 Randomness of a micro-step (timesteps, noise, router Gumbel noise, VAE posterior sample) is seeded
 from (run.seed, step, global slot), where the slot is `micro * world_size + rank`. So a resumed run
@@ -12,6 +13,7 @@ replays exactly, and a 2-rank run sees the same draws as a 1-rank run with 2 mic
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -26,14 +28,15 @@ import torch
 from dydit_scale import dist
 from dydit_scale.config import Recipe, dump_recipe
 from dydit_scale.data import build_loader
+from dydit_scale.data.format import Batch, batch_kind
 from dydit_scale.diffusion import build_objective
 from dydit_scale.dynamic.budget import flops_loss, target_ratio_at
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.dynamic.routers import complete_rows
 from dydit_scale.io import load_tensors
 from dydit_scale.models.build import build_dynamic_transformer
-from dydit_scale.models.encoders import encode_text, load_frozen_components
-from dydit_scale.models.family import FAMILIES, encode_pixels, scale_latents, transformer_inputs
+from dydit_scale.models.encoders import load_frozen_components
+from dydit_scale.models.registry import get_family
 from dydit_scale.train import checkpoint
 from dydit_scale.train.adapters import save_adapters
 from dydit_scale.console import quiet_third_party
@@ -42,7 +45,7 @@ from dydit_scale.train.env import init_distributed, keep_earlier_recipe, write_e
 from dydit_scale.train.failure import checkpoint_write_error
 from dydit_scale.train.identity import KEY as IDENTITY
 from dydit_scale.train.identity import check_resume, run_identity
-from dydit_scale.train.metrics import MetricsLog
+from dydit_scale.train.metrics import MetricsLog, keep_rates
 from dydit_scale.train.validation import Validator
 from dydit_scale.train.watchdog import start_from_env as start_watchdog
 
@@ -71,7 +74,7 @@ class Trainer:
         self.watchdog = start_watchdog(dist.rank(), dist.world_size())  # names a dead rank
         self.run_dir = Path(recipe.run.output_dir) / recipe.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.family = FAMILIES[recipe.model.family]
+        self.family = get_family(recipe.model.family)
         self.objective = build_objective(self.family.objective, timestep_weighting=recipe.train.timestep_weighting)
         # Everything that can refuse the launch runs before a file of the run is written, so a failed
         # relaunch leaves the run folder as it was.
@@ -90,11 +93,15 @@ class Trainer:
         self.ema = EMA(self.engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
         self.step = 0
         self._resume()
-        self.validator = Validator(self)
         self._write_run_files()
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main(), tensorboard=recipe.log.tensorboard,
                                   total_steps=recipe.train.steps, start_step=self.step,
                                   every_steps=recipe.log.every_steps)
+        heldout = (functools.partial(build_loader, recipe.data, seed=recipe.run.seed, split="val")
+                   if recipe.data.val_shards else None)
+        self.validator = Validator(model=self.engine.module, pipe=self.components, family=self.family,
+                                   recipe=recipe, run_dir=self.run_dir, metrics=self.metrics, dtype=self.dtype,
+                                   device=self.engine.device, eval_loss=self.eval_loss, heldout=heldout)
 
     # ----------------------------------------------------------------------------------- setup
     def _write_run_files(self) -> None:
@@ -130,37 +137,40 @@ class Trainer:
         log.info("resumed from %s at step %d", folder, self.step)
 
     # ------------------------------------------------------------------------------------ step
-    def _latents_and_text(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+    def _latents_and_text(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+        """Transformer latents, text conditioning and the (unpacked) latent size of `batch`: pre-encoded
+        batches skip the frozen encoders, pixel and video batches go through them."""
         pipe, family = self.components, self.family
-        if "latents" in batch:
+        kind = batch_kind(batch)
+        if kind == "latent":
             raw = batch["latents"]
             text = {"prompt_embeds": batch["text_embeds"]}
             if "pooled_embeds" in batch:
                 text["pooled_prompt_embeds"] = batch["pooled_embeds"]
             if "text_mask" in batch:
                 text["prompt_attention_mask"] = batch["text_mask"].long()
-            return scale_latents(family, pipe.vae.config, raw), text, tuple(raw.shape[-2:])
-        pixels = batch["video"] if family.video else batch["pixels"]
-        latents = encode_pixels(family, pipe.vae, pixels)
-        text = encode_text(family.name, pipe, batch["captions"], max_tokens=self.recipe.data.max_text_tokens,
-                           device=latents.device)
+            return family.scale_latents(pipe.vae.config, raw), text, tuple(raw.shape[-2:])
+        pixels = batch["video"] if kind == "video" else batch["pixels"]
+        latents = family.encode_pixels(pipe.vae, pixels)
+        text = family.encode_text(pipe, batch["captions"], max_tokens=self.recipe.data.max_text_tokens,
+                                  device=latents.device)
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return latents, text, (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  latent_hw: tuple[int, int], reps: int) -> torch.Tensor:
-        """The model output for `reps` stacked copies of the batch (2 = the §6.4 complete pass)."""
+        """The model output for `reps` stacked copies of the batch (2 during the complete-model warm-up)."""
         def stack(v: torch.Tensor) -> torch.Tensor:
             v = v.repeat(reps, *[1] * (v.dim() - 1))
             return v.to(self.dtype) if v.is_floating_point() else v
 
-        inputs = transformer_inputs(self.family, self.engine.module, stack(x_t),
-                                    self.objective.model_timestep(t).repeat(reps),
-                                    {k: stack(v) for k, v in text.items()}, latent_hw=latent_hw,
-                                    guidance=self.recipe.validation.guidance_scale)
+        inputs = self.family.transformer_inputs(self.engine.module, stack(x_t),
+                                                self.objective.model_timestep(t).repeat(reps),
+                                                {k: stack(v) for k, v in text.items()}, latent_hw=latent_hw,
+                                                guidance=self.recipe.train.guidance)
         return self.engine(**inputs).sample.float()
 
-    def _micro_step(self, batch: dict[str, Any], slot: int) -> dict[str, torch.Tensor]:
+    def _micro_step(self, batch: Batch, slot: int) -> dict[str, torch.Tensor]:
         recipe, dyn = self.recipe, self.recipe.dynamic
         torch.manual_seed(micro_seed(recipe.run.seed, self.step, slot))
         x0, text, latent_hw = self._latents_and_text(batch)
@@ -184,7 +194,7 @@ class Trainer:
         return {**parts, "loss": loss.detach(), "flops_ratio": ratio.detach().mean(), "lambda_eff": torch.tensor(lam)}
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
         """Mean diffusion loss of `batch` without a backward pass (held-out validation)."""
         x0, text, latent_hw = self._latents_and_text(batch)
         t = self.objective.sample_timesteps(x0.shape[0])
@@ -236,11 +246,10 @@ class Trainer:
         total = self.recipe.train.steps
         while self.step < total:
             scalars = self.train_step(batches)
-            keep_rates = self.validator.keep_rates()
-            if self.step % self.recipe.validation.every_steps == 0 or self.step == total:
-                scalars.update(self.validator.run(self.step))
+            rates = keep_rates(self.engine.module)  # before validation's forwards replace the decisions
+            scalars.update(self.validator.run(self.step))
             self.metrics.step(self.step, scalars, {"skipped": _global_counts(self.loader.skipped)})
-            self.metrics.scalars(self.step, keep_rates)
+            self.metrics.scalars(self.step, rates)
             stop = self._agreed_stop()
             if stop or self.step % self.recipe.checkpoint.every_steps == 0 or self.step == total:
                 self.save()

@@ -1,4 +1,5 @@
-"""Run logging: one `metrics.jsonl` line per optimizer step, TensorBoard, and a tqdm bar on rank 0.
+"""Run logging: one `metrics.jsonl` line per optimizer step, TensorBoard, and a tqdm bar on rank 0;
+and `keep_rates`, the per-router scalars the trainer logs beside them.
 
 While the bar is open, log lines and warnings print through `tqdm.write`, above the bar.
 """
@@ -10,13 +11,28 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from dydit_scale.console import bar_safe_logging
 
+if TYPE_CHECKING:
+    from torch import nn
+
 log = logging.getLogger(__name__)
+
+
+def keep_rates(model: nn.Module) -> dict[str, float]:
+    """Mean active fraction of every router's last decision, for TensorBoard (`keep/<router>`);
+    a router without a decision yet is left out."""
+    from dydit_scale.dynamic.routers import Router
+
+    rates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Router) and module.decision is not None:
+            rates[f"keep/{name}"] = float(module.decision.detach().float().mean())
+    return rates
 
 
 class MetricsLog:

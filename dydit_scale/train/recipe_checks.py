@@ -102,14 +102,14 @@ def _resume_problems(recipe: Recipe, *, compare_model: bool) -> list[str]:
     resume = recipe.checkpoint.resume
     if resume == "never" or (resume == "auto" and not checkpoints.is_dir()):
         return []
-    from dydit_scale.models.family import FAMILIES
+    from dydit_scale.models.registry import get_family
     from dydit_scale.train import checkpoint
     from dydit_scale.train.identity import check_resume, run_identity
 
     try:
         folder = checkpoint.resolve_resume(resume, checkpoints)
         if folder is not None and compare_model:
-            identity = run_identity(recipe, FAMILIES[recipe.model.family].objective)
+            identity = run_identity(recipe, get_family(recipe.model.family).objective)
             check_resume(checkpoint.read_marker(folder), identity, folder)
     except RecipeError as err:
         return err.lines

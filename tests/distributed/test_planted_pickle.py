@@ -1,17 +1,13 @@
 """A checkpoint is data, never code: a planted `__reduce__` object in any DeepSpeed file of a real run
 is refused (exit 2, one line naming the file) on resume, universal conversion, export and sampling,
-and never runs; clean ZeRO-2/3 checkpoints still resume and export. The data benchmark's bare
-webdataset loader does not unpickle `.pyd` members either."""
+and never runs; clean ZeRO-2/3 checkpoints still resume and export. (The data benchmark's bare loader
+is checked the same way in tests/unit/bench/test_bench_data.py.)"""
 
 from __future__ import annotations
 
-import argparse
-import io
-import pickle
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -146,25 +142,3 @@ def test_clean_zero3_full_finetuning_resumes_plainly_and_through_universal_and_e
     assert (tmp_path / "z3" / "checkpoints" / "step-0000003" / "universal" / "zero").is_dir()
     result = _cli("export", str(tmp_path / "z3"), str(tmp_path / "schedule"), "--steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-def test_bench_bare_loader_does_not_unpickle_pyd_members(tmp_path):
-    from PIL import Image
-
-    from dydit_scale.bench.data import _bare_loader
-
-    marker, image = tmp_path / "marker", io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 40, 40)).save(image, format="PNG")
-    members = {"png": image.getvalue(), "txt": b"a red circle", "pyd": pickle.dumps(_Touch(marker)),
-               "pickle": pickle.dumps(_Touch(marker))}
-    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
-        for index in range(4):
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{index:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    args = argparse.Namespace(resolution=16, num_frames=8, shuffle_buffer=0, batch_size=2, workers=0)
-    batches = list(_bare_loader([str(tmp_path / "shard.tar")], "image", args))
-    assert [tuple(b[0].shape) for b in batches] == [(2, 3, 16, 16)] * 2
-    assert batches[0][1] == ["a red circle"] * 2
-    assert not marker.exists(), "the .pyd member was unpickled"

@@ -41,7 +41,7 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, flux_dir, same_shards, stage):
     """Every sample is identical and randomness is keyed by global slot, so 2 ranks × 1 micro-batch of 2
     and 1 rank × 2 micro-batches of 2 see the same global batch. The FLOPs loss is switched off here:
-    its square of a global mean is not additive over micro-batches (P13); its 2-rank mean is tested in
+    its square of a global mean is not additive over micro-batches; its 2-rank mean is tested in
     tests/unit/dynamic/test_flops_loss.py."""
     common = [*COMMON, f"model.path={flux_dir}", f"data.shards={same_shards}", "data.batch_size=2",
               "train.steps=3", "checkpoint.every_steps=100", f"train.zero_stage={stage}",
@@ -68,7 +68,7 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, flu
     launch.train([*common, "run.name=resumed", f"checkpoint.resume={tmp_path / 'full/checkpoints/step-0000002'}"], ranks=2)
     full, resumed = launch.metrics(tmp_path / "full"), launch.metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == [3, 4]
-    for key in ("loss", "diffusion_loss", "flops_loss", "flops_ratio"):
+    for key in ("loss", "diffusion_loss", "flops_loss", "flops_ratio", "lr"):
         assert [m[key] for m in resumed] == pytest.approx([m[key] for m in full[2:]], abs=1e-6), key
     for rank in (0, 1):
         ledger = lambda run: [json.loads(l) for l in (tmp_path / run / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]

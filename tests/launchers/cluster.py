@@ -1,5 +1,5 @@
 """Real multi-node infrastructure on one machine for the launcher tests: a local SLURM (own munged,
-slurmctld and one slurmd per node, stack.md §10) and two network namespaces joined by a veth (§11).
+slurmctld and one slurmd per node) and two network namespaces joined by a veth.
 
 Everything started here is stopped by its pid (never by name); daemons and namespaces carry unique
 names so that parallel sessions on the same machine do not collide.
@@ -23,7 +23,7 @@ import launch  # noqa: E402  (tests/distributed/launch.py: env, free ports, iden
 
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 # Tiny, fast and comparable across world sizes: identical samples, no FLOPs loss (its square of a
-# global mean is not additive over micro-batches, P13), no validation, one loader worker.
+# global mean is not additive over micro-batches), no validation, one loader worker.
 COMMON = ["data.workers=1", "data.shuffle_buffer=0", "data.batch_size=2", "validation.every_steps=1000",
           "log.tensorboard=false", "dynamic.complete_warmup_steps=1", "dynamic.target_hold_steps=0",
           "dynamic.target_warmup_steps=2", "dynamic.flops_loss_weight=0", "checkpoint.keep=5"]

@@ -1,4 +1,4 @@
-"""The layering of architecture §2.4 holds (import-linter contracts in pyproject.toml)."""
+"""The import layering holds (import-linter contracts in pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
-    """A recipe file of `text` plus the one required field (model.path) unless `text` sets model."""
+    """A recipe file of `text` plus the two required fields, model.path and data.shards (each unless
+    `text` opens that section itself)."""
     path = tmp_path / "x.yaml"
-    path.write_text(text if text.startswith("model:") else "model:\n  path: some/model\n" + text.replace("{}\n", ""))
+    text = text.replace("{}\n", "")
+    if not text.startswith("model:"):
+        text = "model:\n  path: some/model\n" + text
+    text = text.replace("data:\n", "data:\n  shards: some/shards\n") if "data:\n" in text else text + "data:\n  shards: some/shards\n"
+    path.write_text(text)
     return path
 
 
@@ -74,19 +80,21 @@ def test_every_field_has_a_docstring():
 
 def test_recipe_is_frozen():
     with pytest.raises(Exception):
-        Recipe(model={"path": "m"}).optim.lr = 1.0  # type: ignore[misc]
+        Recipe(model={"path": "m"}, data={"shards": "s"}).optim.lr = 1.0  # type: ignore[misc]
 
 
-def test_model_path_is_required(tmp_path):
+@pytest.mark.parametrize("text, missing", [
+    ("model:\n  family: flux\ndata:\n  shards: s\n", ["model.path"]),
+    ("model:\n  path: m\ndata:\n  batch_size: 2\n", ["data.shards"]),
+    ("model:\n  path: m\n", ["data.shards"]),  # a whole section left out names its required field
+    ("run:\n  name: x\n", ["model.path", "data.shards"]),
+])
+def test_model_path_and_data_shards_are_required_one_line_each(tmp_path, text, missing):
     path = tmp_path / "x.yaml"
-    path.write_text("model:\n  family: flux\n")
+    path.write_text(text)
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert err.value.lines == [f"{path}: model.path: required field missing"]
-    path.write_text("run:\n  name: x\n")
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert err.value.lines == [f"{path}: model: required field missing"]
+    assert err.value.lines == [f"{path}: {name}: required field missing" for name in missing]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -114,3 +122,13 @@ def test_validate_cli_print_and_explain():
     assert shown.returncode == 0 and "target_flops_ratio: 0.6" in shown.stdout
     explained = _cli("--explain")
     assert explained.returncode == 0 and "dynamic.target_flops_ratio" in explained.stdout
+    assert "model.path (required)" in explained.stdout and "data.shards (required)" in explained.stdout
+
+
+def test_explain_cites_no_document_that_does_not_ship():
+    """Field docs say why in their own words; no pointers into specs, design notes or issue numbers."""
+    explained = _cli("--explain")
+    assert explained.returncode == 0
+    assert "§" not in explained.stdout
+    assert not re.search(r"\bspec\b", explained.stdout, flags=re.IGNORECASE), "cites a spec"
+    assert not re.search(r"\bP\d\d\b|\bissue \d+", explained.stdout), "cites a P-code or an issue"

@@ -1,4 +1,4 @@
-"""Objectives (spec §6.1, §6.3, §8): stratified timesteps, flow-matching formulas, the ADM hybrid loss."""
+"""Objectives: stratified timesteps, flow-matching formulas, the ADM hybrid loss."""
 
 from __future__ import annotations
 

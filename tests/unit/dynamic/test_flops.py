@@ -1,4 +1,4 @@
-"""Analytic MACs (method.md §5) against the official constants, torch's FlopCounterMode and autograd."""
+"""Analytic MACs against the official constants, torch's FlopCounterMode and autograd."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dydit_scale.dynamic.flops import (
+    BLOCK_KINDS,
+    block_macs,
     cross_attention_macs,
-    dit_block_macs,
     flops_ratio,
     flux_double_block_macs,
     flux_single_block_macs,
@@ -35,17 +36,18 @@ from dydit_scale.models.tiny import tiny_transformer
     ],
 )
 def test_dit_block_macs_match_official_constants(layers, width, heads, attn_macs, mlp_macs_, total_gmacs):
-    """§5.2 table: A and M per block in GMACs (the [C] loss.py constants), exact; L·(A+M) to 0.01 G."""
+    """A and M per block (the official DiT loss.py constants), exact; L·(A+M) to 0.01 G. A DiT block is
+    the pixart formula without cross-attention."""
     head_dim = width // heads
     attn = self_attention_macs(tokens=256, width=width, head_dim=head_dim, heads=heads)
     mlp = mlp_macs(width=width, hidden=4 * width, group_fraction=1, tokens=256)
-    block = dit_block_macs(tokens=256, width=width, heads=heads)
+    block = block_macs("pixart", heads=heads, head_dim=head_dim, hidden=4 * width, image_tokens=256)
     assert (attn, mlp, block) == (attn_macs, mlp_macs_, attn_macs + mlp_macs_)
     assert round(layers * block / 1e9, 2) == total_gmacs
 
 
 def test_flux_lite_macs_are_30_tera():
-    """§5.3/§9.4: 8 double + 38 single blocks, each 12C²N + 2N²C, = 30.0 T at 1024² with 512 text tokens."""
+    """FLUX-Lite: 8 double + 38 single blocks, each 12C²N + 2N²C, = 30.0 T at 1024² with 512 text tokens."""
     size = dict(image_tokens=4096, text_tokens=512, width=3072, head_dim=128, heads=24)
     tokens, width = 4096 + 512, 3072
     per_block = 12 * width**2 * tokens + 2 * tokens**2 * width
@@ -60,7 +62,7 @@ def test_flux_lite_macs_are_30_tera():
 
 
 def _counted_macs(block: nn.Module, excluded: tuple[str, ...] = (), **inputs) -> float:
-    """MACs torch counts in `block(**inputs)`, minus the §5.1-excluded submodules (FLOPs = 2·MACs).
+    """MACs torch counts in `block(**inputs)`, minus the submodules flops.py does not count (FLOPs = 2·MACs).
 
     On CPU torch has no FLOP formula for the fused SDPA kernel (it counts 0), so the math backend is
     forced: it runs QKᵀ and A·V as bmm, which the counter does count.
@@ -74,27 +76,22 @@ def _counted_macs(block: nn.Module, excluded: tuple[str, ...] = (), **inputs) ->
     return (counts[root] - sum(counts[f"{root}.{name}"] for name in excluded)) / 2
 
 
-def test_flux_double_block_macs_match_flop_counter():
-    block = tiny_transformer("flux").transformer_blocks[0]
+@pytest.mark.parametrize(
+    ("stack", "excluded", "formula"),
+    [
+        ("transformer_blocks", ("norm1", "norm1_context"), flux_double_block_macs),  # adaLN modulation linears
+        ("single_transformer_blocks", ("norm",), flux_single_block_macs),
+    ],
+)
+def test_flux_block_macs_match_flop_counter(stack, excluded, formula):
+    block = getattr(tiny_transformer("flux"), stack)[0]
     batch, n_img, n_txt = 2, 12, 5
     counted = _counted_macs(
-        block, excluded=("norm1", "norm1_context"),  # adaLN modulation linears
+        block, excluded=excluded,
         hidden_states=torch.randn(batch, n_img, 64), encoder_hidden_states=torch.randn(batch, n_txt, 64),
         temb=torch.randn(batch, 64),
     )
-    expected = flux_double_block_macs(image_tokens=n_img, text_tokens=n_txt, width=64, head_dim=16, heads=4)
-    assert counted == batch * expected
-
-
-def test_flux_single_block_macs_match_flop_counter():
-    block = tiny_transformer("flux").single_transformer_blocks[0]
-    batch, n_img, n_txt = 2, 12, 5
-    counted = _counted_macs(
-        block, excluded=("norm",),
-        hidden_states=torch.randn(batch, n_img, 64), encoder_hidden_states=torch.randn(batch, n_txt, 64),
-        temb=torch.randn(batch, 64),
-    )
-    expected = flux_single_block_macs(image_tokens=n_img, text_tokens=n_txt, width=64, head_dim=16, heads=4)
+    expected = formula(image_tokens=n_img, text_tokens=n_txt, width=64, head_dim=16, heads=4)
     assert counted == batch * expected
 
 
@@ -152,7 +149,7 @@ def test_latte_block_macs_match_flop_counter():
 
 
 def _sliced_qkv(x: Tensor, weights: list[Tensor], heads: list[int], head_dim: int) -> list[Tensor]:
-    """Q, K, V of the active heads only: the rows h·C_H … (h+1)·C_H − 1 of each weight (§2.5)."""
+    """Q, K, V of the active heads only: the rows h·C_H … (h+1)·C_H − 1 of each weight."""
     rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
     batch, tokens = x.shape[:2]
     return [F.linear(x, w[rows]).view(batch, tokens, len(heads), head_dim).transpose(1, 2) for w in weights]
@@ -160,7 +157,7 @@ def _sliced_qkv(x: Tensor, weights: list[Tensor], heads: list[int], head_dim: in
 
 
 def test_sliced_dit_block_matches_dynamic_formula():
-    """Active heads, active MLP groups and per-sample SDT token counts, executed sliced (§2.5, §3.3)."""
+    """Active heads, active MLP groups and per-sample SDT token counts, executed sliced."""
     width, heads, groups, hidden = 48, 4, 4, 192
     head_dim, group_width = width // heads, hidden // groups
     w_q, w_k, w_v, w_o = (torch.randn(width, width) for _ in range(4))
@@ -175,15 +172,13 @@ def test_sliced_dit_block_matches_dynamic_formula():
         x = x + F.linear(attn, w_o[:, head_cols])
         rows = torch.cat([x[b, : int(n)] for b, n in enumerate(keep)])  # SDT gather, flattened B·ñ
         F.linear(F.gelu(F.linear(rows, fc1[cols])), fc2[:, cols])
-    expected = dit_block_macs(
-        tokens=10, width=width, heads=heads, active_heads=torch.tensor(3.0),
-        group_fraction=torch.tensor(len(active_groups) / groups), active_tokens=keep.float(),
-    )
+    active = dict(heads=torch.tensor(3.0), mlp=torch.tensor(len(active_groups) / groups), tokens=keep.float())
+    expected = block_macs("pixart", heads=heads, head_dim=head_dim, hidden=hidden, image_tokens=10, active=active)
     assert counter.get_total_flops() / 2 == pytest.approx(expected.sum().item(), rel=1e-6)
 
 
 def test_sliced_flux_single_block_matches_dynamic_formula():
-    """Skipped image tokens pay Q/K/V and the core but neither proj_mlp nor proj_out (§5.3, §9.3)."""
+    """Skipped image tokens pay Q/K/V and the core but neither proj_mlp nor proj_out."""
     width, heads, head_dim, hidden, groups = 64, 4, 16, 256, 4
     n_txt, n_img, keep = 5, 12, torch.tensor([7, 12])
     w_q, w_k, w_v = (torch.randn(width, width) for _ in range(3))
@@ -212,12 +207,13 @@ def test_sliced_flux_single_block_matches_dynamic_formula():
 
 
 def test_dit_dynamic_macs_scale_and_are_differentiable():
-    """§5.2: A_dyn = (ĥ/H)·A, M_dyn = (ĝ/G)·(ñ/N)·M, with autograd gradients A/H, M·ñ/N, M·ĝ/N."""
+    """A_dyn = (ĥ/H)·A, M_dyn = (ĝ/G)·(ñ/N)·M, with autograd gradients A/H, M·ñ/N, M·ĝ/N."""
     attn, mlp = 1_509_949_440.0, 2_717_908_992.0  # DiT-XL/2
     h = torch.tensor([16.0, 4.0, 1.0], requires_grad=True)
     g = torch.tensor([1.0, 0.5, 0.25], requires_grad=True)
     n = torch.tensor([256.0, 128.0, 0.0], requires_grad=True)
-    macs = dit_block_macs(tokens=256, width=1152, heads=16, active_heads=h, group_fraction=g, active_tokens=n)
+    macs = block_macs("pixart", heads=16, head_dim=72, hidden=4608, image_tokens=256,
+                      active=dict(heads=h, mlp=g, tokens=n))
     assert macs.dtype == torch.float32 and macs.shape == (3,)
     torch.testing.assert_close(macs, attn * h.detach() / 16 + mlp * g.detach() * n.detach() / 256)
     macs.sum().backward()
@@ -253,7 +249,7 @@ def test_flux_dynamic_macs_scale():
 def test_cross_heads_scale_only_cross_attention():
     size = dict(tokens=256, context_tokens=120, width=1152, head_dim=72, heads=16)
     cross = cross_attention_macs(**size)
-    assert cross == 2 * 256 * 1152**2 + 2 * 120 * 1152**2 + 2 * 256 * 120 * 1152  # §5.3, C_ctx = C
+    assert cross == 2 * 256 * 1152**2 + 2 * 120 * 1152**2 + 2 * 256 * 120 * 1152  # C_ctx = C
     static = pixart_block_macs(**size)
     assert pixart_block_macs(**size, cross_heads=16) == static
     assert pixart_block_macs(**size, cross_heads=4) == static - cross * 3 / 4
@@ -274,15 +270,44 @@ def test_latte_dynamic_macs_count_tokens_over_the_clip():
     assert latte_spatial_block_macs(**size, cross_heads=2) == latte_spatial_block_macs(**size)  # no context
 
 
+def test_block_macs_dispatches_each_kind_to_its_formula():
+    """The one dispatch: layer-table shape + token shape + active counts by role → the kind's formula."""
+    shape = dict(width=64, head_dim=16, heads=4, mlp_ratio=3)
+    h, cross, g, t, n = (torch.tensor([v]) for v in (2.0, 3.0, 0.5, 0.25, 7.0))
+    context = dict(context_tokens=5, context_width=20, cross_heads=cross)
+    expected = {
+        "flux_double": flux_double_block_macs(image_tokens=12, text_tokens=5, **shape, active_heads=h,
+                                              image_group_fraction=g, text_group_fraction=t, active_image_tokens=n),
+        "flux_single": flux_single_block_macs(image_tokens=12, text_tokens=5, **shape, active_heads=h,
+                                              group_fraction=g, active_image_tokens=n),
+        "pixart": pixart_block_macs(tokens=12, **context, **shape, active_heads=h, group_fraction=g, active_tokens=n),
+        "latte_spatial": latte_spatial_block_macs(frames=3, tokens_per_frame=12, **context, **shape, active_heads=h,
+                                                  group_fraction=g, active_tokens=n),
+        "latte_temporal": latte_temporal_block_macs(frames=3, tokens_per_frame=12, **shape, active_heads=h,
+                                                    group_fraction=g, active_tokens=n),
+    }
+    layer = dict(heads=4, head_dim=16, hidden=192, cross_heads=4, context_width=20)
+    active = dict(heads=h, cross_heads=cross, mlp=g, text_mlp=t, tokens=n)
+    assert set(expected) == set(BLOCK_KINDS)
+    for kind, macs in expected.items():
+        got = block_macs(kind, **layer, image_tokens=12, text_tokens=5, frames=3, active=active)
+        torch.testing.assert_close(got, macs, rtol=0, atol=0)
+    no_cross = block_macs("pixart", **(layer | dict(cross_heads=0)), image_tokens=12, text_tokens=5)
+    assert no_cross == pixart_block_macs(tokens=12, context_tokens=0, **shape)
+    assert no_cross == self_attention_macs(tokens=12, width=64, head_dim=16, heads=4) + 2 * 64 * 192 * 12
+    with pytest.raises(ValueError, match="unknown block kind 'dit'"):
+        block_macs("dit", heads=4, head_dim=16, hidden=192, image_tokens=12)
+
+
 def test_mlp_ratio_given_as_hidden_over_width_recovers_hidden():
     """fl(1/49)·49 < 1: the hidden width must still come out as 1, not 0."""
     attn = self_attention_macs(tokens=3, width=49, head_dim=7, heads=7)
-    assert dit_block_macs(tokens=3, width=49, heads=7, mlp_ratio=1 / 49) == attn + 2 * 49 * 1 * 3
+    assert block_macs("pixart", heads=7, head_dim=7, hidden=1, image_tokens=3) == attn + 2 * 49 * 1 * 3
 
 
 def test_active_count_above_total_is_an_error():
     with pytest.raises(ValueError, match="must not exceed"):
-        dit_block_macs(tokens=16, width=32, heads=4, active_heads=5)
+        block_macs("pixart", heads=4, head_dim=8, hidden=128, image_tokens=16, active={"heads": 5})
     with pytest.raises(ValueError, match="must not exceed"):
         flux_single_block_macs(image_tokens=4, text_tokens=2, width=8, head_dim=2, heads=4, active_image_tokens=5)
 

@@ -1,4 +1,4 @@
-"""FLOPs loss (method.md §6.2, P13, P19): value, gradient direction, λ warm-up, global batch mean."""
+"""FLOPs loss: value, gradient direction, λ warm-up, global batch mean."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_flops_loss_pushes_router_logits_towards_the_target(logit, target, sign)
 
 
 def test_target_ratio_follows_the_official_warm_up():
-    """§6.2: 1 for the first 100 steps, then 1 − (1 − λ)·step/K up to K, then λ."""
+    """λ_eff is 1 for the first 100 steps, then 1 − (1 − λ)·step/K up to K, then λ."""
     at = lambda step: target_ratio_at(step, target=0.5, warmup_steps=1000, hold_steps=100)  # noqa: E731
     assert [at(s) for s in (0, 99)] == [1.0, 1.0]
     assert [at(s) for s in (100, 500, 999)] == pytest.approx([0.95, 0.75, 0.5005])

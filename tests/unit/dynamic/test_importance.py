@@ -1,4 +1,4 @@
-"""Magnitude ranking and permutation of heads and MLP channels (spec §2.6) on plain torch layers."""
+"""Magnitude ranking and permutation of heads and MLP channels on plain torch layers."""
 
 from __future__ import annotations
 

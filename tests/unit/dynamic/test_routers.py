@@ -1,4 +1,5 @@
-"""Routers: Gumbel-sigmoid statistics, straight-through gradient, forced index 0, bypass, complete rows, P16."""
+"""Routers: Gumbel-sigmoid statistics, straight-through gradient, forced index 0, bypass, complete rows,
+same noise under checkpoint recomputation, router parameters found by type."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from dydit_scale.dynamic.routers import (
     ConditionedTokenRouter,
     TimestepRouter,
     TokenRouter,
+    Router,
     broadcast_timestep,
     complete_rows,
     full_width,
     gumbel_sigmoid,
+    router_parameters,
 )
 
 LOGITS = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0])
@@ -145,3 +148,34 @@ def test_checkpoint_recomputation_reproduces_router_noise():
     torch.testing.assert_close(ckpt_out, plain_out, rtol=0, atol=0)
     for a, b in zip(ckpt, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_router_parameters_are_found_by_type_not_by_name():
+    model = nn.ModuleDict(dict(
+        head_router=TimestepRouter(8, 4, tau=5.0, bias=15.0),
+        blocks=nn.ModuleList([nn.ModuleDict(dict(token_router=TokenRouter(8, tau=5.0, bias=35.0)))]),
+        router=nn.Linear(8, 8),  # a user layer that only carries the name
+    ))
+    model.register_parameter("router_weight", nn.Parameter(torch.zeros(3)))
+    found = router_parameters(model)
+    assert set(found) == {"head_router.proj.weight", "head_router.proj.bias", "blocks.0.token_router.fc1.weight",
+                          "blocks.0.token_router.fc1.bias", "blocks.0.token_router.fc2.weight",
+                          "blocks.0.token_router.fc2.bias"}
+    params = dict(model.named_parameters())
+    assert all(found[name] is params[name] for name in found)
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart"])
+def test_router_parameters_cover_every_router_of_a_tiny_dynamic_model(family):
+    from dydit_scale.config import DynamicConfig
+    from dydit_scale.models.convert import make_dynamic
+    from dydit_scale.models.tiny import tiny_transformer
+
+    model = make_dynamic(tiny_transformer(family), DynamicConfig())
+    expected = {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, Router)
+                for name, _ in module.named_parameters()}
+    found = router_parameters(model)
+    assert found and set(found) == expected
+    assert any(isinstance(m, TimestepRouter) for m in model.modules())
+    params = dict(model.named_parameters())
+    assert all(found[name] is params[name] for name in found)

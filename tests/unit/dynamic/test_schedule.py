@@ -1,4 +1,4 @@
-"""The router-schedule file format (method spec §7.3): exact round trip, exact lookup, derived FLOPs."""
+"""The router-schedule file format: exact round trip, exact lookup, derived FLOPs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fast (sliced) path computes what the masked path computes, at the analytic FLOPs (§2.5, §3.3, §7.4)."""
+"""The fast (sliced) path computes what the masked path computes, at the analytic FLOPs."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_fast_path_flops_equal_the_analytic_count(family):
     root = type(fast).__name__
     for name, block in ((n, b) for n, b in fast.named_modules() if n and hasattr(b, "last_macs")):
         prefix = f"{root}.{name}"
-        # not counted by §5.1: routers and the adaLN modulation linears inside FLUX's norms
+        # not counted by flops.py: routers and the adaLN modulation linears inside FLUX's norms
         uncounted = sum(v for k, v in counts.items() if k.startswith(prefix + ".")
                         and k.rpartition(".")[2] in ("token_router", "norm1", "norm1_context", "norm"))
         dynamic, _ = block.last_macs()

@@ -1,4 +1,4 @@
-"""Sampler time keys: what the diffusers pipelines pass to the transformer (method spec §7.2)."""
+"""Sampler time keys: what the diffusers pipelines pass to the transformer."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_flux_file_in_the_stock_pipeline_computes_the_fine_tuned_model(tmp_path)
     expected = _full_width_out(model, "flux")
     stock = tiny_transformer("flux")
     assert (expected - stock(**_inputs("flux")).sample).abs().max() > 1e-3  # the adapter matters
-    save_lora_diffusers(model, tmp_path, "flux")
+    save_lora_diffusers(model, tmp_path)
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=stock)
     pipe.load_lora_weights(tmp_path)
@@ -57,7 +57,7 @@ def test_flux_file_in_the_stock_pipeline_computes_the_fine_tuned_model(tmp_path)
 def test_pixart_latte_file_on_the_stock_model_computes_the_fine_tuned_model(tmp_path, family):
     model = _trained_dynamic(family)
     expected = _full_width_out(model, family)
-    save_lora_diffusers(model, tmp_path, family)
+    save_lora_diffusers(model, tmp_path)
     stock = tiny_transformer(family)
     load_lora_diffusers(stock, tmp_path)  # no permutation on a stock model: the file is in its order
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_pixart_latte_file_on_the_stock_model_computes_the_fine_tuned_model(tmp_
 @pytest.mark.parametrize("family", ["flux", "pixart"])
 def test_file_loads_back_into_a_fresh_dynamic_model_exactly(tmp_path, family):
     model = _trained_dynamic(family)
-    save_lora_diffusers(model, tmp_path, family)
+    save_lora_diffusers(model, tmp_path)
     file = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     own = lora_state_dict(model)
     differs = [k for k in own if not torch.equal(file[f"transformer.{k}"], own[k])]

@@ -1,4 +1,4 @@
-"""Plain LoRA via peft: diffusers-format file that FluxPipeline and peft load back exactly (stack §6)."""
+"""Plain LoRA via peft: diffusers-format file that FluxPipeline and peft load back exactly."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_flux_file_loads_in_flux_pipeline_with_identical_outputs(tmp_path):
     model = _adapted("flux")
     expected = _out(model, "flux")
     assert (expected - _out(tiny_transformer("flux"), "flux")).abs().max() > 1e-4  # the adapter matters
-    path = save_lora_diffusers(model, tmp_path, "flux")
+    path = save_lora_diffusers(model, tmp_path)
     with safe_open(str(path), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert path.name == "pytorch_lora_weights.safetensors"
@@ -77,7 +77,7 @@ def test_flux_file_loads_in_flux_pipeline_with_identical_outputs(tmp_path):
 def test_pixart_latte_file_loads_back_through_peft(tmp_path, family):
     model = _adapted(family)
     expected = _out(model, family)
-    path = save_lora_diffusers(model, tmp_path, family)
+    path = save_lora_diffusers(model, tmp_path)
     with safe_open(str(path), framework="pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
     fresh = tiny_transformer(family)

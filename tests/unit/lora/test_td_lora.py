@@ -1,4 +1,4 @@
-"""TD-LoRA (spec §12.2, §17.10): identity at init, per-sample gate, per-step merge, file round trip."""
+"""TD-LoRA: identity at init, per-sample gate, per-step merge, file round trip."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from dydit_scale.dynamic.routers import broadcast_timestep
 from dydit_scale.lora import (
     TDLoRALinear,
     apply_td_lora,
-    clear_timestep_embedding,
     load_td_lora,
     save_td_lora,
-    set_timestep_embedding,
     td_lora_layers,
     td_lora_state_dict,
 )
@@ -62,7 +61,7 @@ def _randomise_adapter(model: nn.Module, seed: int = 1) -> None:
 def _run(model: nn.Module, family: str, e_t: torch.Tensor | None = None, **kw) -> torch.Tensor:
     inputs = _inputs(family, **kw)
     if e_t is not None:
-        set_timestep_embedding(model, e_t)
+        broadcast_timestep(model, e_t)  # what a dynamic model's forward does with its e_t
     return model(**inputs).sample
 
 
@@ -91,14 +90,14 @@ def test_optimizer_step_on_lora_b_changes_output_and_reaches_the_gate():
     adapted = _adapted("pixart")
     before = _run(adapted, "pixart", e_t=torch.randn(2, COND_DIM)).detach()
     opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
-    set_timestep_embedding(adapted, torch.randn(2, COND_DIM))
+    broadcast_timestep(adapted, torch.randn(2, COND_DIM))
     adapted(**_inputs("pixart")).sample.square().mean().backward()
     b_grads = [m.lora_B.weight.grad for m in td_lora_layers(adapted).values()]
     assert all(g is not None for g in b_grads) and any(g.abs().sum() > 0 for g in b_grads)
     opt.step()
     opt.zero_grad()
     # second step: with B ≠ 0 the gate receives gradient too
-    set_timestep_embedding(adapted, torch.randn(2, COND_DIM))
+    broadcast_timestep(adapted, torch.randn(2, COND_DIM))
     adapted(**_inputs("pixart")).sample.square().mean().backward()
     gate = adapted.transformer_blocks[0].td_gate
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
@@ -159,11 +158,9 @@ def test_scale_is_alpha_over_expert_rank_and_uniform_gate_is_plain_lora():
     torch.testing.assert_close(layer.delta_weight(uniform), 5.0 / 6 * b @ a)
 
 
-def test_forward_without_timestep_embedding_raises():
+def test_forward_without_timestep_embedding_raises_naming_what_sets_it():
     model = _adapted("pixart")
-    set_timestep_embedding(model, torch.randn(2, COND_DIM))
-    clear_timestep_embedding(model)
-    with pytest.raises(RuntimeError, match="set_timestep_embedding"):
+    with pytest.raises(RuntimeError, match="prepare_step.*broadcast_timestep"):
         model(**_inputs("pixart"))
 
 

@@ -1,4 +1,4 @@
-"""Training-time properties of dynamic models: checkpoint recomputation (P16) and the complete-model pass (P17)."""
+"""Training-time properties of dynamic models: checkpoint recomputation and the complete-model pass."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _doubled(inputs: dict) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_complete_rows_pass_equals_separate_dynamic_and_full_width_passes(family):
-    """One 2B forward with the second half complete == a dynamic pass + a full-width pass (spec §6.4)."""
+    """One 2B forward with the second half complete == a dynamic pass + a full-width pass."""
     _, model = stock_and_dynamic(family)
     _undecided_routers(model)
     model.eval()  # deterministic masks, so both ways see the same architecture

@@ -213,7 +213,8 @@ def test_flux_attention_mask_matches_diffusers():
 
 
 def test_flux_token_routing_ignores_padded_text_given_the_attention_mask():
-    """P15: with the padding masked out of attention, padded text cannot change any image token."""
+    """With the padding masked out of attention, padded text cannot change any image token (the token
+    router's text mean skips padding too)."""
     _, dynamic = stock_and_dynamic("flux")
     set_router_bias(dynamic, 15.0)
     with torch.no_grad():

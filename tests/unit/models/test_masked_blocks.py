@@ -1,4 +1,4 @@
-"""Dense masked execution equals an independent reference that slices the weights (spec §2.4-§2.5, §3.2-§3.3).
+"""Dense masked execution equals an independent reference that slices the weights.
 
 Per block type, random per-sample head/group masks and per-token masks are forced into the routers;
 the reference computes each sample with only the active heads' rows/columns, the active groups'

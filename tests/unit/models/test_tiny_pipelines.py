@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dydit_scale.models.tiny import TINY_TRANSFORMER_CONFIGS
+from dydit_scale.models.registry import get_family
 
 PIPELINES = {"flux": diffusers.FluxPipeline, "pixart": diffusers.PixArtAlphaPipeline, "latte": diffusers.LattePipeline}
 CALLS = {
@@ -34,7 +34,7 @@ def test_tiny_pipeline_loads_offline_and_samples_two_steps(tiny_model_dir, famil
 
 @pytest.mark.parametrize("family", ["flux", "pixart", "latte"])
 def test_tiny_transformers_have_room_for_dynamic_width(family):
-    config = TINY_TRANSFORMER_CONFIGS[family]
+    config = get_family(family).tiny_config
     assert config["num_attention_heads"] >= 2 and config["num_layers"] >= 2
     if family == "flux":
         assert config["num_single_layers"] >= 2
