@@ -19,6 +19,7 @@ from dydit_scale.dynamic.routers import TimestepRouter
 from dydit_scale.dynamic.schedule import RouterSchedule
 from dydit_scale.infer.export import model_hashes, timestep_routers
 from dydit_scale.infer.fast_blocks import FAST_BLOCKS, FastState
+from dydit_scale.infer.runs import stock_class
 from dydit_scale.infer.sliced import Attention, check_attention
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin, stock_signature
 
@@ -58,7 +59,7 @@ def _fast_class(cls: type) -> type:
 
 
 def _check_model_class(model: nn.Module, schedule: RouterSchedule) -> None:
-    stock = next((cls.__name__ for cls in type(model).__mro__ if cls.__module__.startswith("diffusers.")), None)
+    stock = stock_class(model).__name__
     if stock != schedule.model_class:
         raise ValueError(f"apply_schedule: the schedule was exported for a {schedule.model_class} "
                          f"({schedule.family or '?'}), the model is a {stock}; export it from this model")
