@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Literal
 
 import torch
@@ -18,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from dydit_scale.lora.td_lora import TDLoRALinear
+from dydit_scale.models.build import attention_problem
 from dydit_scale.models.dynamic_block import sdpa
 
 __all__ = ["Attention", "Sliced", "attend", "check_attention", "effective_linear", "kept_rows", "slice_linear",
@@ -73,9 +73,9 @@ def check_attention(kind: Attention) -> None:
     """xformers only where it can run (CUDA + the package): never a silent fallback."""
     if kind not in ("sdpa", "xformers"):
         raise ValueError(f"apply_schedule: attention must be sdpa or xformers, got {kind!r}")
-    if kind == "xformers" and (not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None):
-        raise ValueError("apply_schedule: attention=xformers needs CUDA and the xformers package "
-                         "(pip install '.[gpu]'); use sdpa here")
+    problem = attention_problem(kind)
+    if problem is not None:
+        raise ValueError(f"apply_schedule: {problem.removeprefix('model.attention: ')}")
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
