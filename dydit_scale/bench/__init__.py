@@ -10,7 +10,8 @@ from dydit_scale.help_format import DefaultsHelpFormatter
 
 #: sub-command -> module with `add_arguments(parser)` and `run(args) -> int`
 BENCHES = {"data": "dydit_scale.bench.data", "train": "dydit_scale.bench.train", "infer": "dydit_scale.bench.infer",
-           "efficacy": "dydit_scale.bench.efficacy"}
+           "efficacy": "dydit_scale.bench.efficacy", "memory": "dydit_scale.bench.memory",
+           "gpu-check": "dydit_scale.bench.gpu_check"}
 
 
 def main(argv: list[str] | None = None) -> int:

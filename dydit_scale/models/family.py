@@ -16,6 +16,7 @@ from torch import nn
 
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.schedule import TokenShape
+from dydit_scale.models.replica import Replica
 
 __all__ = ["Family", "vae_scale_factor"]
 
@@ -45,6 +46,8 @@ class Family:
     """What the `timestep` scalar the pipeline passes means, recorded with the time keys."""
     tiny_config: ClassVar[dict[str, Any]]
     """Constructor arguments of a tiny random-init transformer (tests and the CPU demo)."""
+    replicas: ClassVar[dict[str, Replica]] = {}
+    """The released pipelines of this family at their real widths (`dydit-data synth --replica`)."""
 
     def make_dynamic(self, model: nn.Module, config: DynamicConfig) -> nn.Module:
         """Permute, then swap every block for its dynamic version, in place."""

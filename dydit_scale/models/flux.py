@@ -27,6 +27,7 @@ from dydit_scale.models import tiny
 from dydit_scale.models.convert import BlockStack, convert_stacks
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin, check_feed_forward, mlp_groups
 from dydit_scale.models.family import Family, vae_scale_factor
+from dydit_scale.models.replica import CLIP_L, FLUX_VAE, T5_XXL, Replica, TextEncoder
 from dydit_scale.models.flux_blocks import DyFluxSingleTransformerBlock, DyFluxTransformerBlock
 
 __all__ = ["FAMILY", "DyFluxTransformer2DModel", "convert_flux", "flux_image_ids", "pack_flux_latents"]
@@ -123,6 +124,29 @@ def _latent_grid(resolution: tuple[int, int], vae_config: dict | None) -> tuple[
     return height, width
 
 
+# black-forest-labs/FLUX.1-dev/transformer/config.json (19 double + 38 single blocks, 24 heads × 128,
+# joint attention from T5's 4096, pooled CLIP 768, RoPE axes 16 + 56 + 56 = 128); 3 weight shards.
+_FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# FLUX.1-dev/scheduler/scheduler_config.json; schnell's has shift 1 and no dynamic shifting.
+_FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+# FLUX.1-*/text_encoder (CLIP-L, one file; tokenizer pads with <|endoftext|>) and text_encoder_2
+# (T5-XXL in 2 shards; tokenizer_2 model_max_length 512).
+_FLUX_TEXT = {
+    "text_encoder": TextEncoder("clip", CLIP_L, {"model_max_length": 77, "pad_token": "<|endoftext|>"}),
+    "text_encoder_2": TextEncoder("t5", T5_XXL, {"model_max_length": 512}, shards=2),
+}
+
+
+def _flux_replica(name: str, guidance: bool, scheduler: dict[str, Any]) -> Replica:
+    return Replica(name=name, source=f"black-forest-labs/FLUX.1-{name.split('-')[1]}",
+                   transformer=_FLUX_DEV | {"guidance_embeds": guidance},
+                   depth_keys=("num_layers", "num_single_layers"), default_layers=1, transformer_shards=3,
+                   vae=FLUX_VAE, scheduler=("FlowMatchEulerDiscreteScheduler", scheduler), text_encoders=_FLUX_TEXT)
+
+
 class FluxFamily(Family):
     """FLUX.1: flow matching, packed 2×2 latents, CLIP pooled + T5 text, guidance embedding."""
 
@@ -137,6 +161,12 @@ class FluxFamily(Family):
         num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
         guidance_embeds=True, axes_dims_rope=(4, 6, 6),
     )
+    replicas = {
+        "flux-dev": _flux_replica("flux-dev", True, _FLUX_SCHEDULER),
+        # FLUX.1-schnell: guidance-distilled away (no guidance embedder), 4-step sampling without shift.
+        "flux-schnell": _flux_replica("flux-schnell", False,
+                                      _FLUX_SCHEDULER | {"shift": 1.0, "use_dynamic_shifting": False}),
+    }
 
     def make_dynamic(self, model: nn.Module, config: DynamicConfig) -> nn.Module:
         return convert_flux(model, config)

@@ -16,7 +16,8 @@ from dydit_scale.models import tiny
 from dydit_scale.models.convert import convert_stacks
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
 from dydit_scale.models.family import Family
-from dydit_scale.models.pixart import adaln_stack, adaln_timestep_embedding
+from dydit_scale.models.pixart import DDPM_BETAS, T5_CAPTIONS, adaln_stack, adaln_timestep_embedding
+from dydit_scale.models.replica import SD_VAE, Replica
 
 __all__ = ["FAMILY", "DyLatteTransformer3DModel", "convert_latte"]
 
@@ -35,6 +36,18 @@ def convert_latte(model: LatteTransformer3DModel, config: DynamicConfig) -> DyLa
     return convert_stacks(model, config, stacks, DyLatteTransformer3DModel)
 
 
+# maxin-cn/Latte-1/transformer/config.json: PixArt-α's width (16 heads × 72, T5 4096) with 28 spatial and
+# 28 temporal blocks, 512² (sample_size 64), 16 frames; one weight file. Its scheduler is DDIM over the
+# linear DDPM betas with learned variance, its VAE sd-vae-ft-ema, its T5-XXL as PixArt's.
+_LATTE_1 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                norm_eps=1e-6, patch_size=2, caption_channels=4096, sample_size=64,
+                video_length=16)
+_LATTE_SCHEDULER = DDPM_BETAS | dict(clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                     variance_type="learned_range", timestep_spacing="linspace")
+
+
 class LatteFamily(Family):
     """Latte-1: text-to-video, DDPM, T5 captions; the VAE encodes frame by frame."""
 
@@ -50,6 +63,11 @@ class LatteFamily(Family):
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32, video_length=4,
     )
+    replicas = {
+        "latte-1": Replica(name="latte-1", source="maxin-cn/Latte-1", transformer=_LATTE_1, depth_keys=("num_layers",),
+                           default_layers=2, transformer_shards=1, vae=SD_VAE,
+                           scheduler=("DDIMScheduler", _LATTE_SCHEDULER), text_encoders=T5_CAPTIONS),
+    }
 
     def make_dynamic(self, model: torch.nn.Module, config: DynamicConfig) -> torch.nn.Module:
         return convert_latte(model, config)

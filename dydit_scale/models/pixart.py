@@ -13,8 +13,9 @@ from dydit_scale.models.adaln_block import BlockKind, DyAdaLNTransformerBlock, c
 from dydit_scale.models.convert import BlockStack, convert_stacks
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
 from dydit_scale.models.family import Family
+from dydit_scale.models.replica import SD_VAE, T5_XXL, Replica, TextEncoder
 
-__all__ = ["FAMILY", "DyPixArtTransformer2DModel", "adaln_stack", "adaln_timestep_embedding", "convert_pixart"]
+__all__ = ["DDPM_BETAS", "FAMILY", "T5_CAPTIONS", "DyPixArtTransformer2DModel", "adaln_stack", "adaln_timestep_embedding", "convert_pixart"]
 
 
 def adaln_timestep_embedding(model: torch.nn.Module, timestep: torch.Tensor, batch: int) -> torch.Tensor:
@@ -47,6 +48,30 @@ def convert_pixart(model: PixArtTransformer2DModel, config: DynamicConfig) -> Dy
     return convert_stacks(model, config, (adaln_stack("transformer_blocks", "pixart"),), DyPixArtTransformer2DModel)
 
 
+# PixArt-alpha/PixArt-XL-2-1024-MS/transformer/config.json: DiT-XL width (28 blocks, 1152 = 16 heads × 72),
+# T5 captions of 4096, adaLN-single; 1024-MS has sample_size 128 and the resolution / aspect-ratio
+# conditions, PixArt-XL-2-512x512 sample_size 64 without them. One weight file.
+_PIXART_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                  cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
+                  num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                  norm_eps=1e-6, norm_num_groups=32, patch_size=2, caption_channels=4096, sample_size=128,
+                  use_additional_conditions=True)
+# PixArt-XL-2-1024-MS/scheduler/scheduler_config.json: DPM-Solver++ (2M) over the linear DDPM betas.
+DDPM_BETAS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                  prediction_type="epsilon")
+_PIXART_SCHEDULER = DDPM_BETAS | dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                      lower_order_final=True, timestep_spacing="linspace")
+# PixArt's text_encoder is T5-XXL in 4 shards; its pipeline cuts captions at 120 tokens.
+T5_CAPTIONS = {"text_encoder": TextEncoder("t5", T5_XXL, {"model_max_length": 120}, shards=4)}
+
+
+def _pixart_replica(name: str, source: str, sample_size: int) -> Replica:
+    return Replica(name=name, source=source,
+                   transformer=_PIXART_XL | dict(sample_size=sample_size, use_additional_conditions=sample_size == 128),
+                   depth_keys=("num_layers",), default_layers=2, transformer_shards=1, vae=SD_VAE,
+                   scheduler=("DPMSolverMultistepScheduler", _PIXART_SCHEDULER), text_encoders=T5_CAPTIONS)
+
+
 class PixArtFamily(Family):
     """PixArt-α: DDPM ε-prediction with learned σ, T5 captions with an attention mask."""
 
@@ -60,6 +85,10 @@ class PixArtFamily(Family):
         cross_attention_dim=32, sample_size=8, patch_size=2, norm_num_groups=1,
         caption_channels=32, use_additional_conditions=False, norm_type="ada_norm_single",
     )
+    replicas = {
+        "pixart-alpha-1024": _pixart_replica("pixart-alpha-1024", "PixArt-alpha/PixArt-XL-2-1024-MS", 128),
+        "pixart-alpha-512": _pixart_replica("pixart-alpha-512", "PixArt-alpha/PixArt-XL-2-512x512", 64),
+    }
 
     def make_dynamic(self, model: torch.nn.Module, config: DynamicConfig) -> torch.nn.Module:
         return convert_pixart(model, config)

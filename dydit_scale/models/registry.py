@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dydit_scale.models.family import Family
+    from dydit_scale.models.replica import Replica
 
-__all__ = ["FAMILY_MODULES", "all_families", "family_of", "get_family"]
+__all__ = ["FAMILY_MODULES", "all_families", "all_replicas", "family_of", "get_family", "get_replica"]
 
 #: family name -> the module that defines its `FAMILY`
 FAMILY_MODULES: dict[str, str] = {
@@ -43,3 +44,16 @@ def family_of(model: nn.Module | str) -> Family | None:
         if model == cls.__name__ if isinstance(model, str) else isinstance(model, cls):
             return family
     return None
+
+
+def all_replicas() -> dict[str, tuple[Family, Replica]]:
+    """Every released pipeline the families replicate: name -> (family, replica)."""
+    return {name: (family, replica) for family in all_families() for name, replica in family.replicas.items()}
+
+
+def get_replica(name: str) -> tuple[Family, Replica]:
+    """The family and replica called `name`."""
+    replicas = all_replicas()
+    if name not in replicas:
+        raise ValueError(f"--replica: expected one of {', '.join(replicas)}, got {name!r}")
+    return replicas[name]
