@@ -5,6 +5,9 @@
     dydit-data encode ...            VAE latents + text embeddings -> pre-encoded shards
     dydit-data stats SHARDS...       counts, sizes, resolutions
     dydit-data synth --shards {image,video} OUT --count N | --tiny-model {flux,pixart,latte} OUT
+    dydit-data synth --replica NAME OUT [--layers N] [--text-layers N] [--dtype fp32|bf16]
+                                     a released pipeline (flux-dev, flux-schnell, pixart-alpha-1024,
+                                     pixart-alpha-512, latte-1) at real widths, random weights, few blocks
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ COMMANDS = {
 
 
 def _synth(args: argparse.Namespace) -> int:
-    if bool(args.tiny_model) == bool(args.shards):
-        print("dydit-data synth: give exactly one of --tiny-model FAMILY or --shards {image,video}", file=sys.stderr)
+    if sum(map(bool, (args.tiny_model, args.replica, args.shards))) != 1:
+        print("dydit-data synth: give exactly one of --tiny-model FAMILY, --replica NAME or --shards {image,video}",
+              file=sys.stderr)
         return 2
-    return synth_model.run_model(args) if args.tiny_model else synth_shards.run_shards(args)
+    return synth_model.run_model(args) if args.tiny_model or args.replica else synth_shards.run_shards(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)
-    synth = commands.add_parser("synth", help="synthetic shards or a tiny random-init model folder",
+    synth = commands.add_parser("synth", help="synthetic shards, or a tiny or released-width random-init model folder",
                                 formatter_class=DefaultsHelpFormatter)
     synth.add_argument("out", help="output folder")
     synth_model.add_model_arguments(synth)

@@ -76,3 +76,29 @@ def tiny_model_dir(tmp_path_factory):
         return folders[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def replica_folder(tmp_path_factory):
+    """`replica_folder(name, layers=None, text_layers=1, dtype="fp32") -> Path`: a released pipeline at
+    its real widths with random weights (`write_replica`), written once per session for each distinct
+    set of arguments. The folders are GBs, so they are deleted when the session ends."""
+    import shutil
+    from pathlib import Path
+
+    from dydit_scale.models.registry import get_replica
+    from dydit_scale.models.replica_write import write_replica
+
+    folders: dict[tuple, Path] = {}
+
+    def get(name: str, layers: int | None = None, text_layers: int = 1, dtype: str = "fp32") -> Path:
+        layers = get_replica(name)[1].default_layers if layers is None else layers
+        key = (name, layers, text_layers, dtype)
+        if key not in folders:
+            out = tmp_path_factory.mktemp(f"replica_{name}")
+            folders[key] = write_replica(name, out, layers=layers, text_layers=text_layers, dtype=dtype)
+        return folders[key]
+
+    yield get
+    for folder in folders.values():
+        shutil.rmtree(folder, ignore_errors=True)

@@ -12,7 +12,7 @@ from dydit_scale.models import tiny
 from dydit_scale.models.adaln_block import BlockKind, DyAdaLNTransformerBlock, check_adaln_block, permute_adaln_block
 from dydit_scale.models.convert import BlockStack, convert_stacks
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin
-from dydit_scale.models.family import Family
+from dydit_scale.models.family import Family, vae_scale_factor
 from dydit_scale.models.replica import SD_VAE, T5_XXL, Replica, TextEncoder
 
 __all__ = ["DDPM_BETAS", "FAMILY", "T5_CAPTIONS", "DyPixArtTransformer2DModel", "adaln_stack", "adaln_timestep_embedding", "convert_pixart"]
@@ -72,6 +72,18 @@ def _pixart_replica(name: str, source: str, sample_size: int) -> Replica:
                    scheduler=("DPMSolverMultistepScheduler", _PIXART_SCHEDULER), text_encoders=T5_CAPTIONS)
 
 
+def size_conditions(config: Any, batch: int, latent_hw: tuple[int, int], dtype: torch.dtype,
+                    device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The resolution / aspect-ratio micro-conditions PixArt-α 1024-MS was trained with, in pixels, as
+    `PixArtAlphaPipeline` passes them; models without them take None."""
+    if not config.use_additional_conditions:
+        return {"resolution": None, "aspect_ratio": None}
+    height, width = (side * vae_scale_factor(None) for side in latent_hw)
+    resolution = torch.tensor([[height, width]], dtype=dtype, device=device).expand(batch, 2)
+    aspect = torch.tensor([[height / width]], dtype=dtype, device=device).expand(batch, 1)
+    return {"resolution": resolution, "aspect_ratio": aspect}
+
+
 class PixArtFamily(Family):
     """PixArt-α: DDPM ε-prediction with learned σ, T5 captions with an attention mask."""
 
@@ -101,13 +113,16 @@ class PixArtFamily(Family):
                            guidance: float) -> dict[str, Any]:
         kwargs = super().transformer_inputs(transformer, noisy, timestep, text, latent_hw=latent_hw,
                                             guidance=guidance)
-        return kwargs | {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        return kwargs | {"added_cond_kwargs": size_conditions(transformer.config, noisy.shape[0], latent_hw,
+                                                              noisy.dtype, noisy.device)}
 
     def example_inputs(self, config: Any, *, batch: int, text_tokens: int, generator: torch.Generator,
                        latent_hw: tuple[int, int] | None = None) -> dict[str, Any]:
         inputs = super().example_inputs(config, batch=batch, text_tokens=text_tokens, generator=generator,
                                         latent_hw=latent_hw)
-        return inputs | {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        latent_hw = latent_hw or (config.sample_size, config.sample_size)
+        return inputs | {"added_cond_kwargs": size_conditions(config, batch, latent_hw, torch.float32,
+                                                              torch.device("cpu"))}
 
     def pipeline_kwargs(self, *, steps: int, height: int, width: int, guidance: float, text_tokens: int,
                         frames: int) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from dydit_scale.train.env import init_distributed, keep_earlier_recipe, write_e
 from dydit_scale.train.failure import checkpoint_write_error
 from dydit_scale.train.identity import KEY as IDENTITY
 from dydit_scale.train.identity import check_resume, run_identity
-from dydit_scale.train.metrics import MetricsLog, keep_rates
+from dydit_scale.train.metrics import MetricsLog, keep_rates, peak_memory
 from dydit_scale.train.validation import Validator
 from dydit_scale.train.watchdog import start_from_env as start_watchdog
 
@@ -219,8 +219,9 @@ class Trainer:
             self._write_ledger(keys)
         scalars = _global_mean(dict(sums))
         scalars["lr"] = lr
-        scalars["samples_per_s"] = len(keys) * dist.world_size() / (time.perf_counter() - started)
-        return scalars
+        seconds = time.perf_counter() - started
+        scalars["samples_per_s"] = len(keys) * dist.world_size() / seconds
+        return scalars | {"step_s": seconds} | _global_max(peak_memory())
 
     def _write_ledger(self, keys: list[str]) -> None:
         ledger = self.run_dir / "ledger"
@@ -330,6 +331,16 @@ def _global_mean(values: dict[str, float]) -> dict[str, float]:
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     torch.distributed.all_reduce(tensor)
     return {k: float(v) / dist.world_size() for k, v in zip(keys, tensor)}
+
+
+def _global_max(values: dict[str, float]) -> dict[str, float]:
+    """The largest value over ranks: the rank that needs the most memory is the one that fails."""
+    if not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, tensor.tolist()))
 
 
 def _global_counts(counts: Counter) -> dict[str, int]:

@@ -35,6 +35,20 @@ def keep_rates(model: nn.Module) -> dict[str, float]:
     return rates
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in GB: `max_rss_gb` (resident set, the kernel's high-water
+    mark, so a short spike between two steps still shows) and, when CUDA is in use, `max_cuda_gb`
+    (the caching allocator's peak of allocated tensors since the start)."""
+    import resource
+
+    import torch
+
+    peaks = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["max_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return peaks
+
+
 class MetricsLog:
     """Rank-0 sink for step metrics; on other ranks every method is a no-op."""
 

@@ -36,14 +36,14 @@ def env() -> dict[str, str]:
 
 
 def train(overrides: list[str], *, ranks: int = 1, timeout_s: int = 240, check: bool = True,
-          popen: bool = False):
-    """Run `python -m dydit_scale.train tiny_cpu.yaml overrides` on `ranks` ranks."""
+          popen: bool = False, recipe: Path = RECIPE):
+    """Run `python -m dydit_scale.train RECIPE overrides` (tiny_cpu.yaml by default) on `ranks` ranks."""
     if ranks == 1:
-        command = [sys.executable, "-m", "dydit_scale.train", str(RECIPE), *overrides]
+        command = [sys.executable, "-m", "dydit_scale.train", str(recipe), *overrides]
     else:
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
         command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
-                   "dydit_scale.train", str(RECIPE), *overrides]
+                   "dydit_scale.train", str(recipe), *overrides]
     if popen:
         return subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

@@ -1,11 +1,17 @@
-"""`dydit-bench infer` runs the three paths on the same inputs and reports the table's fields."""
+"""`dydit-bench infer` runs the three paths on the same inputs and reports the table's fields; its
+released-width presets come from the replica records (not run here: minutes each)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+import pytest
+import torch
+
 from dydit_scale.bench import infer
+from dydit_scale.bench.infer_models import PRESETS
+from dydit_scale.models.registry import get_replica
 
 
 def test_bench_infer_json_reports_static_masked_and_fast(capsys):
@@ -21,3 +27,43 @@ def test_bench_infer_json_reports_static_masked_and_fast(capsys):
     for row in rows.values():
         assert row["efficiency"] == row["speedup"] * row["flops_ratio"] and row["s_per_step"] > 0
     assert result["max_abs_diff_fast_vs_masked"] < 1e-5
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    infer.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("preset, replica", [("flux-dev", "flux-dev"), ("pixart-alpha", "pixart-alpha-1024"),
+                                             ("latte-1", "latte-1")])
+def test_released_presets_are_one_block_per_stack_of_the_replica_with_token_routers(preset, replica):
+    family, record = get_replica(replica)
+    found = PRESETS[preset]
+    assert found.family == family.name and found.config == record.transformer_config(1)
+    assert found.dynamic.get("tokens") is True and 0 < found.token_keep <= 1
+    assert found.tokens in found.help and found.defaults["batch"] == 1
+
+
+def test_released_presets_default_to_batch_1_and_few_steps_unless_flags_say_otherwise():
+    args = infer.resolve(_parse("--preset", "flux-dev", "--device", "cpu", "--dtype", "bf16", "--attention", "sdpa"))
+    assert (args.batch, args.steps, args.repeats) == (1, 2, 3)
+    assert (args.device, args.dtype, args.attention) == ("cpu", "bf16", "sdpa")
+    assert infer.resolve(_parse("--preset", "flux-dev", "--steps", "5")).steps == 5
+
+
+def test_xformers_without_cuda_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="^--attention: xformers needs CUDA"):
+        infer.check_args(_parse("--attention", "xformers", "--device", "cpu"))
+    with pytest.raises(SystemExit, match="^--device: cuda"):
+        infer.check_args(_parse("--device", "cuda"))
+
+
+def test_bench_infer_records_device_dtype_and_attention_and_runs_bf16(capsys):
+    assert infer.run(_parse("--preset", "tiny-flux", "--steps", "1", "--repeats", "1", "--threads", "1",
+                            "--device", "cpu", "--dtype", "bf16", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["device"], result["dtype"], result["attention"]) == ("cpu", "bf16", "sdpa")
+    assert result["tokens"] == PRESETS["tiny-flux"].tokens
+    assert result["goal_checks"]["fast_efficiency"]["goal"] == ">= 0.9"
