@@ -38,14 +38,15 @@ def convert_latte(model: LatteTransformer3DModel, config: DynamicConfig) -> DyLa
 
 # maxin-cn/Latte-1/transformer/config.json: PixArt-α's width (16 heads × 72, T5 4096) with 28 spatial and
 # 28 temporal blocks, 512² (sample_size 64), 16 frames; one weight file. Its scheduler is DDIM over the
-# linear DDPM betas with learned variance, its VAE sd-vae-ft-ema, its T5-XXL as PixArt's.
+# linear DDPM betas (no variance_type: LattePipeline then drops the learned-σ half before DDIM's
+# step), its VAE sd-vae-ft-ema, its T5-XXL as PixArt's.
 _LATTE_1 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                 cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
                 num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
                 norm_eps=1e-6, patch_size=2, caption_channels=4096, sample_size=64,
                 video_length=16)
 _LATTE_SCHEDULER = DDPM_BETAS | dict(clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-                                     variance_type="learned_range", timestep_spacing="linspace")
+                                     timestep_spacing="linspace")
 
 
 class LatteFamily(Family):
