@@ -36,14 +36,15 @@ def keep_rates(model: nn.Module) -> dict[str, float]:
 
 
 def peak_memory() -> dict[str, float]:
-    """This process's peak memory so far, in GB: `max_rss_gb` (resident set, the kernel's high-water
-    mark, so a short spike between two steps still shows) and, when CUDA is in use, `max_cuda_gb`
-    (the caching allocator's peak of allocated tensors since the start)."""
-    import resource
-
+    """This process's peak memory so far, in GB: `max_rss_gb` (the kernel's resident-set high-water
+    mark VmHWM, so a short spike between two steps still shows; unlike `ru_maxrss` it does not carry
+    a forking parent's peak over `exec`) and, when CUDA is in use, `max_cuda_gb` (the caching
+    allocator's peak of allocated tensors since the start)."""
     import torch
 
-    peaks = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    peaks = {"max_rss_gb": kib * 1024 / 1e9}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peaks["max_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return peaks
