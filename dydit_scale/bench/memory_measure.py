@@ -23,9 +23,7 @@ from torch import nn
 
 from dydit_scale.bench.infer_models import cast, model_inputs, to_device
 from dydit_scale.config import DynamicConfig, LoraConfig
-from dydit_scale.dynamic.routers import router_parameters
-from dydit_scale.lora import apply_lora, apply_td_lora
-from dydit_scale.models.build import dynamic_blocks, timestep_embedding_dim
+from dydit_scale.models.build import apply_adapters, dynamic_blocks
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.family import Family, vae_scale_factor
 from dydit_scale.models.replica import Replica
@@ -83,20 +81,6 @@ def released_parameters(family: Family, replica: Replica) -> tuple[nn.Module, in
     with torch.device("meta"):
         model = family.transformer_class(**replica.transformer_config())
     return model, sum(p.numel() for p in model.parameters())
-
-
-def _adapt(model: nn.Module, lora: LoraConfig) -> None:
-    """Adapters and the trainable set as the trainer's `build_dynamic_transformer` makes them."""
-    blocks = dynamic_blocks(model)
-    if lora.kind == "td_lora":
-        apply_td_lora(model, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, experts=lora.groups,
-                      cond_dim=timestep_embedding_dim(model), block_prefixes=blocks)
-    elif lora.kind == "lora":
-        apply_lora(model, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, block_prefixes=blocks)
-    else:
-        model.requires_grad_(True)
-    for param in router_parameters(model).values():
-        param.requires_grad_(True)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -193,7 +177,7 @@ def measure_replica(family: Family, replica: Replica, *, lora: LoraConfig, resol
     torch.manual_seed(0)
     model = make_dynamic(cast(family.transformer_class(**replica.transformer_config(1)), device, dtype),
                          DynamicConfig()).train()
-    _adapt(model, lora)
+    apply_adapters(model, lora)
     blocks = {name: model.get_submodule(name) for name in dynamic_blocks(model)}
     counts = _block_counts(stock, blocks)
     in_blocks = {id(p) for block in blocks.values() for p in block.parameters()}

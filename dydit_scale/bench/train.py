@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dydit_scale.bench.goals import Goal, goal_checks
+from dydit_scale.bench.infer_models import to_device
 from dydit_scale.config import DynamicConfig, LoraConfig
 from dydit_scale.diffusion import build_objective
 from dydit_scale.dynamic.budget import flops_loss
@@ -141,15 +142,7 @@ def _inputs(preset: Preset, config: Any, batch: int, device: torch.device) -> di
                                    latent_hw=preset.latent_hw)
     objective = build_objective(family.objective)
     inputs["timestep"] = objective.model_timestep(objective.sample_timesteps(batch, generator=gen))
-    return {key: _moved(value, preset.dtype, device) for key, value in inputs.items()}
-
-
-def _moved(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    if isinstance(value, dict):
-        return {key: _moved(item, dtype, device) for key, item in value.items()}
-    if isinstance(value, torch.Tensor):
-        return value.to(device, dtype if value.is_floating_point() else None)
-    return value
+    return to_device(inputs, device, preset.dtype)
 
 
 def _sync(device: torch.device) -> None:

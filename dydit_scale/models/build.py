@@ -49,6 +49,12 @@ def build_dynamic_transformer(model_cfg: ModelConfig, dynamic_cfg: DynamicConfig
     everything for full fine-tuning; adapters + every router (+ TD-LoRA gates) otherwise."""
     model = make_dynamic(load_transformer(model_cfg.path, model_cfg.family), dynamic_cfg)
     set_attention_backend(model, model_cfg.attention)
+    return apply_adapters(model, lora_cfg)
+
+
+def apply_adapters(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
+    """Adapters and the trainable set of a dynamic model: everything for full fine-tuning; adapters +
+    every router (+ TD-LoRA gates) otherwise."""
     blocks = dynamic_blocks(model)
     if lora_cfg.kind == "td_lora":
         apply_td_lora(model, targets=lora_cfg.targets, rank=lora_cfg.rank, alpha=lora_cfg.alpha,
