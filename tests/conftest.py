@@ -46,11 +46,14 @@ def deepspeed_world1():
     """DeepSpeed initialised in this process as a world of one rank (gloo, CPU accelerator)."""
     import deepspeed
 
+    from dydit_scale.train.env import unlink_shm_allreduce_buffer
+
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")
+    unlink_shm_allreduce_buffer()
     global _DEEPSPEED_SESSION
     _DEEPSPEED_SESSION = True
     yield deepspeed

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import os
+import select
 import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -123,7 +126,8 @@ class ShardLoader:
         ds.epoch, ds.rotation, ds.cursors = self.epoch, self.batch % ds.num_workers, dict(self._cursors)
         loader = DataLoader(
             ds, batch_size=None, num_workers=self._ds.cfg.workers, pin_memory=self.pin_memory,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_init_worker, trainer_pid=os.getpid()),
+            multiprocessing_context=_worker_context(self._ds.cfg.workers),
             prefetch_factor=self.prefetch_factor if self._ds.cfg.workers > 0 else None,
             persistent_workers=False,
         )
@@ -143,7 +147,7 @@ class ShardLoader:
     def close(self) -> None:
         """Stop this loader's worker processes now.
 
-        They ignore SIGTERM (see `_ignore_stop_signals`), so the interpreter's exit-time terminate()
+        They ignore SIGTERM (see `_init_worker`), so the interpreter's exit-time terminate()
         cannot end them; a failed run must shut them down through the DataLoader itself.
         """
         live, self._live = self._live, None
@@ -200,11 +204,40 @@ class ShardLoader:
         self.epoch, self.batch, self._cursors = int(mine["epoch"]) + 1, 0, {}
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
+    """Workers start from a small fork server, not from the trainer.
+
+    Forked from the trainer, a worker shares the trainer's pages as they were at that moment; once
+    DeepSpeed casts, partitions or frees that memory, each such page becomes the worker's own copy,
+    and every worker ends up holding GBs of a model it never uses. The server imports only the data
+    stack, so starting a worker from it stays cheap.
+    """
+    if workers == 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _init_worker(worker_id: int, *, trainer_pid: int) -> None:
     """Workers ignore SIGTERM/SIGUSR1: a launcher that signals the whole process group to make the
-    trainer checkpoint must not kill the workers mid-batch (the trainer stops them itself)."""
+    trainer checkpoint must not kill the workers mid-batch (the trainer stops them itself).
+
+    And they exit with the trainer: their parent is the fork server, so the DataLoader's own check
+    of the parent process cannot see a trainer killed outright (OOM, SIGKILL).
+    """
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    try:
+        trainer = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def exit_with_trainer() -> None:
+        select.select([trainer], [], [])  # readable once the trainer has exited
+        os._exit(1)
+
+    threading.Thread(target=exit_with_trainer, name="exit-with-trainer", daemon=True).start()
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:

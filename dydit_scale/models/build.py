@@ -44,10 +44,11 @@ def set_attention_backend(model: nn.Module, kind: str) -> None:
         model.set_attention_backend("native")
 
 
-def build_dynamic_transformer(model_cfg: ModelConfig, dynamic_cfg: DynamicConfig, lora_cfg: LoraConfig) -> nn.Module:
-    """The recipe's dynamic transformer in fp32, with adapters applied and the trainable set chosen:
+def build_dynamic_transformer(model_cfg: ModelConfig, dynamic_cfg: DynamicConfig, lora_cfg: LoraConfig,
+                              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The recipe's dynamic transformer in `dtype`, with adapters applied and the trainable set chosen:
     everything for full fine-tuning; adapters + every router (+ TD-LoRA gates) otherwise."""
-    model = make_dynamic(load_transformer(model_cfg.path, model_cfg.family), dynamic_cfg)
+    model = make_dynamic(load_transformer(model_cfg.path, model_cfg.family, dtype=dtype), dynamic_cfg)
     set_attention_backend(model, model_cfg.attention)
     return apply_adapters(model, lora_cfg)
 

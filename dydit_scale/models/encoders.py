@@ -13,9 +13,17 @@ import torch
 from dydit_scale.models.loading import load_pipeline
 
 
-def load_frozen_components(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The pipeline without its transformer (VAE + text encoders + tokenizers), frozen and in eval mode."""
-    pipe = load_pipeline(path, dtype=dtype, transformer=None, drop_transformer=True)
+def load_frozen_components(path: str | Path, *, text_dtype: torch.dtype = torch.float32,
+                           device: torch.device | str = "cpu"):
+    """The pipeline without its transformer (VAE + text encoders + tokenizers), frozen and in eval mode,
+    on `device`.
+
+    The text encoders take the transformer's dtype, as diffusers' training scripts do: T5-XXL alone
+    is 19 GB in fp32 on every rank. The VAE stays fp32 (small, and its latents are the targets).
+    """
+    pipe = load_pipeline(path, dtype={"vae": torch.float32, "default": text_dtype}, transformer=None,
+                         drop_transformer=True)
+    pipe.to(device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()

@@ -87,10 +87,11 @@ def load_transformer(path: str | Path, family: str | None = None, dtype: torch.d
         return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
 
 
-def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None, dtype: torch.dtype | None = None,
-                  *, drop_transformer: bool = False):
-    """Load a whole local diffusers pipeline (fp32 unless `dtype`), optionally with our own (dynamic)
-    transformer, or without any transformer (`drop_transformer`, for encoding only)."""
+def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None,
+                  dtype: torch.dtype | dict[str, torch.dtype] | None = None, *, drop_transformer: bool = False):
+    """Load a whole local diffusers pipeline (fp32 unless `dtype`: one, or per component with a
+    "default"), optionally with our own (dynamic) transformer, or without any transformer
+    (`drop_transformer`, for encoding only)."""
     import diffusers
     import torch
 

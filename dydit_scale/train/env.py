@@ -41,7 +41,24 @@ def init_distributed(recipe: Recipe) -> None:
         torch.cuda.set_device(dist.local_rank())
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        unlink_shm_allreduce_buffer()
     dist.setup_logging()
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer in /dev/shm.
+
+    DeepSpeed's CPU accelerator maps a 69 MB shared-memory segment per rank and never unlinks it,
+    so every run left one in /dev/shm (RAM) for good. Once every rank has mapped its peers' segments
+    (they do inside `init_distributed`; the barrier makes sure all got there) the names are no longer
+    needed; the mappings stay valid until the processes exit, and then the memory is freed.
+    """
+    if torch.cuda.is_available():
+        return
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.rank())
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def launch_world_size() -> int:

@@ -83,13 +83,16 @@ class Trainer:
         if self._resume_from is not None:
             check_resume(checkpoint.read_marker(self._resume_from), self.identity, self._resume_from)
         dist.seed_everything(recipe.run.seed)
-        self.model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora)
+        # Loaded in the training dtype: DeepSpeed casts to it anyway before making its fp32 master
+        # copy, and an fp32 copy on every rank would double the load's peak memory.
+        self.dtype = torch.bfloat16 if recipe.model.dtype == "bf16" else torch.float32
+        self.model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora, dtype=self.dtype)
         if recipe.train.activation_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.loader = build_loader(recipe.data, seed=recipe.run.seed)
-        self.components = self._frozen_components()
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, recipe)
-        self.dtype = torch.bfloat16 if recipe.model.dtype == "bf16" else torch.float32
+        self.device = self.engine.device
+        self.components = self._frozen_components()
         self.ema = EMA(self.engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
         self.step = 0
         self._resume()
@@ -101,7 +104,7 @@ class Trainer:
                    if recipe.data.val_shards else None)
         self.validator = Validator(model=self.engine.module, pipe=self.components, family=self.family,
                                    recipe=recipe, run_dir=self.run_dir, metrics=self.metrics, dtype=self.dtype,
-                                   device=self.engine.device, eval_loss=self.eval_loss, heldout=heldout)
+                                   device=self.device, eval_loss=self.eval_loss, heldout=heldout)
 
     # ----------------------------------------------------------------------------------- setup
     def _write_run_files(self) -> None:
@@ -115,8 +118,9 @@ class Trainer:
         dist.barrier()
 
     def _frozen_components(self):
-        """The pipeline's VAE and text encoders (frozen, no grad); also used for validation samples."""
-        return load_frozen_components(self.recipe.model.path)
+        """The pipeline's VAE and text encoders (frozen, no grad) on the engine's device; also used for
+        validation samples."""
+        return load_frozen_components(self.recipe.model.path, text_dtype=self.dtype, device=self.device)
 
     def _resume(self) -> None:
         folder = self._resume_from
@@ -142,6 +146,7 @@ class Trainer:
         batches skip the frozen encoders, pixel and video batches go through them."""
         pipe, family = self.components, self.family
         kind = batch_kind(batch)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if kind == "latent":
             raw = batch["latents"]
             text = {"prompt_embeds": batch["text_embeds"]}

@@ -118,7 +118,7 @@ class Validator:
 
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         images = []
-        # The frozen encoders and VAE stay fp32; a bf16 transformer then needs autocast for its inputs.
+        # The VAE stays fp32 while the transformer may be bf16: autocast bridges the latents between them.
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with gather, autocast:
             pipe.transformer = model

@@ -40,6 +40,7 @@ def _flux_trainer(*overrides: str) -> Trainer:
     recipe = load_recipe(TINY, ["model.path=unused", "data.shards=unused", "data.max_text_tokens=8", *overrides])
     trainer = Trainer.__new__(Trainer)
     trainer.recipe, trainer.family, trainer.dtype = recipe, get_family("flux"), torch.float32
+    trainer.device = torch.device("cpu")
     trainer.components = tiny_pipeline("flux")
     trainer.objective = build_objective("flow")
     return trainer
