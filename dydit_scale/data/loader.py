@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -228,16 +229,24 @@ def _init_worker(worker_id: int, *, trainer_pid: int) -> None:
     """
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this process once `pid` has exited: a pidfd turns readable then (Linux 5.3+); without
+    one, poll for the process once a second."""
     try:
-        trainer = os.pidfd_open(trainer_pid)
+        select.select([os.pidfd_open(pid)], [], [])
     except ProcessLookupError:
-        os._exit(1)
-
-    def exit_with_trainer() -> None:
-        select.select([trainer], [], [])  # readable once the trainer has exited
-        os._exit(1)
-
-    threading.Thread(target=exit_with_trainer, name="exit-with-trainer", daemon=True).start()
+        pass
+    except (AttributeError, OSError):  # no os.pidfd_open on this platform or kernel
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
