@@ -2,7 +2,8 @@
 
 Everything is counted in multiply-accumulates (MACs, the DiT convention: DiT-XL/2 = 118.6 "GFLOPs").
 Counted: the Q/K/V/O projections, the two attention matmuls QKᵀ and A·V, the MLP fc1/fc2.
-Not counted: softmax, norms, activations, adaLN modulation, routers, embedders, patch/final layers.
+Not counted in a block: softmax, norms, activations, adaLN modulation, routers; a whole DiT forward
+with the embedders, modulation and final layer the papers count is :func:`dit_model_macs`.
 The MLP is the plain two-matmul one (fc1 C → D, fc2 D → C); a gated MLP (GEGLU) is not covered.
 
 Every count argument may be a Python number or an fp32 tensor [B] (active heads ĥ, group fraction
@@ -33,7 +34,7 @@ Count = int | float | Tensor
 __all__ = [
     "BLOCK_KINDS", "Count", "active_units", "block_macs", "self_attention_macs", "cross_attention_macs",
     "mlp_macs", "flux_double_block_macs", "flux_single_block_macs", "pixart_block_macs",
-    "latte_spatial_block_macs", "latte_temporal_block_macs", "flops_ratio",
+    "latte_spatial_block_macs", "latte_temporal_block_macs", "dit_model_macs", "flops_ratio",
 ]
 
 #: The block kinds :func:`block_macs` knows; a layer table's ``kind`` is one of them.
@@ -199,6 +200,30 @@ def latte_temporal_block_macs(
         tokens=_active(active_tokens, frames * tokens_per_frame),
     )
     return attn + mlp
+
+
+def dit_model_macs(*, depth: int, width: int, heads: int, patch_size: int = 2, latent_size: int = 32,
+                   in_channels: int = 4, learn_sigma: bool = True, frequency_dim: int = 256) -> int:
+    """MACs of one whole static DiT forward (class-conditional, adaLN-Zero), as the papers total them.
+
+    On top of the blocks' attention and MLP matmuls this counts what the DiT and DyDiT tables
+    include and the per-block formulas leave out: each block's adaLN modulation (C → 6C on one
+    vector), the softmax (one per attention score), the patch embedding (p²·C_in → C per token), the
+    timestep embedder (256 → C → C) and the final layer (adaLN C → 2C, then C → p²·C_out per token).
+    Not counted: norms, activations, residual adds, modulation products and the label lookup. DiT-S/2,
+    B/2 and XL/2 at 256² (32² latents) give 6.06 / 23.01 / 118.65 G against the paper's 6.07 / 23.02 /
+    118.69.
+    """
+    tokens = (latent_size // patch_size) ** 2
+    head_dim = width // heads
+    block = (self_attention_macs(tokens=tokens, width=width, head_dim=head_dim, heads=heads)
+             + mlp_macs(width=width, hidden=4 * width, tokens=tokens)
+             + width * 6 * width + heads * tokens * tokens)
+    out_channels = 2 * in_channels if learn_sigma else in_channels
+    patch_embed = tokens * width * in_channels * patch_size**2
+    timestep_embed = frequency_dim * width + width * width
+    final = width * 2 * width + tokens * width * patch_size**2 * out_channels
+    return depth * block + patch_embed + timestep_embed + final
 
 
 def active_units(role: str, mask: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from dydit_scale.dynamic.flops import (
     BLOCK_KINDS,
     block_macs,
     cross_attention_macs,
+    dit_model_macs,
     flops_ratio,
     flux_double_block_macs,
     flux_single_block_macs,
@@ -44,6 +45,33 @@ def test_dit_block_macs_match_official_constants(layers, width, heads, attn_macs
     block = block_macs("pixart", heads=heads, head_dim=head_dim, hidden=4 * width, image_tokens=256)
     assert (attn, mlp, block) == (attn_macs, mlp_macs_, attn_macs + mlp_macs_)
     assert round(layers * block / 1e9, 2) == total_gmacs
+
+
+@pytest.mark.parametrize(("depth", "width", "heads", "paper_gflops"),
+                         [(12, 384, 6, 6.07), (12, 768, 12, 23.02), (28, 1152, 16, 118.69)])
+def test_whole_dit_forward_reproduces_the_papers_gflops(depth, width, heads, paper_gflops):
+    """DiT-S/2, B/2, XL/2 at 256²: the totals the DiT and DyDiT papers print, within 0.2 %."""
+    macs = dit_model_macs(depth=depth, width=width, heads=heads)
+    assert abs(macs / 1e9 / paper_gflops - 1) < 0.002
+
+
+def test_whole_dit_count_matches_torch_flop_counter_on_the_diffusers_model():
+    """Every matmul and conv term of `dit_model_macs`, checked against torch's own counter on
+    diffusers' DiT-S/2 (learned σ; attention in the math kernel, which the counter sees). The counter
+    has no softmax; diffusers computes the timestep embedding in every block and again for the final
+    layer, where the official DiT computes it once."""
+    from diffusers import DiTTransformer2DModel
+
+    depth, width, heads, tokens = 12, 384, 6, 256
+    model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
+                                  out_channels=8, num_layers=depth, sample_size=32, patch_size=2,
+                                  num_embeds_ada_norm=1000).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 4, 32, 32), timestep=torch.tensor([10]), class_labels=torch.tensor([3]))
+    softmax = depth * heads * tokens * tokens
+    timestep_embed = 256 * width + width * width
+    expected = dit_model_macs(depth=depth, width=width, heads=heads) - softmax + depth * timestep_embed
+    assert counter.get_total_flops() == 2 * expected
 
 
 def test_flux_lite_macs_are_30_tera():
