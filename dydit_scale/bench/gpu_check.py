@@ -3,7 +3,8 @@
 One command for a first session on a GPU, within a time budget (default 7.5 min), each sub-step a
 subprocess with its own hard timeout and log under --out:
 1. the GPU parity tests (`tests/gpu`): fast vs masked path, attention sdpa and xformers;
-2. `dydit-bench infer` in bf16 for flux-dev, pixart-alpha and latte-1, with each attention backend;
+2. `dydit-bench infer` in bf16 for flux-dev (at 1024²), pixart-alpha and latte-1, with each attention
+   backend;
 3. one DeepSpeed TD-LoRA step of a random-weight FLUX.1-dev replica at 1024² (recipe
    flux_tdlora_zero2.yaml), reading loss, step time and peak memory from the run's metrics.jsonl.
 A failed or timed-out sub-step is a failed row and the rest still run. --allow-cpu runs the same
@@ -139,22 +140,13 @@ def _infer(out: Path, device: str, quick: bool) -> list[Step]:
             result.unlink(missing_ok=True)
             command = [sys.executable, "-m", "dydit_scale.bench", "infer", "--preset", preset, "--device", device,
                        "--dtype", "bf16", "--attention", backend, "--json", *extra]
-            if preset == "flux-dev" and _infer_takes("--resolution"):
+            if preset == "flux-dev":
                 command += ["--resolution", "1024"]
             check = f"infer {preset} {backend}"
             problem = attention_problem(backend) if backend == "xformers" else None
             steps.append(Step([check], command, 75.0, single_row(check, lambda path=result: report.infer_values(path)),
                               stdout=result, skip=problem and problem.removeprefix("model.attention: ").split(";")[0]))
     return steps
-
-
-def _infer_takes(flag: str) -> bool:
-    """Whether `dydit-bench infer` has `flag` (e.g. a choice of FLUX resolution)."""
-    from dydit_scale.bench import infer
-
-    parser = argparse.ArgumentParser(add_help=False)
-    infer.add_arguments(parser)
-    return any(flag in action.option_strings for action in parser._actions)
 
 
 def _train(out: Path, quick: bool, layers: int) -> list[Step]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dydit_scale.bench.goals import Goal, goal_checks
-from dydit_scale.bench.infer_models import PRESETS, build_paths
+from dydit_scale.bench.infer_models import PRESETS, at_resolution, build_paths
 from dydit_scale.console import quiet_third_party
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.infer.keys import sampler_time_keys
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (CPU runs only)")
+    parser.add_argument("--resolution", type=int,
+                        help="pixels per side for the released-width presets (default: flux-dev 512, "
+                             "pixart-alpha 1024, latte-1 256); the image tokens follow")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model and inputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the three paths run (CUDA timing is synchronised)")
@@ -64,6 +67,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("steps", "batch", "repeats", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    try:
+        at_resolution(args.preset, args.resolution)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 @torch.no_grad()
@@ -117,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     args = resolve(args)
     torch.set_num_threads(args.threads)
-    preset, device, dtype = PRESETS[args.preset], torch.device(args.device), DTYPES[args.dtype]
+    preset, device, dtype = at_resolution(args.preset, args.resolution), torch.device(args.device), DTYPES[args.dtype]
     keys = sampler_time_keys(preset.family, steps=args.steps, resolution=preset.resolution, dtype=dtype).values
     paths, steps = build_paths(preset, keys, args.batch, args.seed, device, dtype, args.attention)
     ratios: dict[str, list[float]] = {"masked": [], "fast": []}
@@ -133,7 +140,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                          speedup=speedup, efficiency=speedup * ratio,
                          efficiency_median=median["static"] / median[name] * ratio))
     diff = (outputs["fast"].float() - outputs["masked"].float()).abs().max()
-    return dict(rows=rows, preset=args.preset, family=preset.family, tokens=preset.tokens, steps=args.steps,
+    return dict(rows=rows, preset=args.preset, family=preset.family, tokens=preset.tokens,
+                resolution=list(preset.resolution), steps=args.steps,
                 batch=args.batch, repeats=args.repeats, threads=args.threads, clock=args.clock, device=args.device,
                 dtype=args.dtype, attention=args.attention, max_abs_diff_fast_vs_masked=float(diff),
                 goal_checks=goal_checks({"fast_efficiency": efficiency_goal(rows)}))
@@ -151,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"preset {result['preset']} ({PRESETS[result['preset']].help})")
+    print(f"tokens: {result['tokens']}")
     print(f"batch {result['batch']}, {result['steps']} steps, best of {result['repeats']} rounds per step, "
           f"{result['device']} {result['dtype']} {result['attention']}, {result['threads']} threads, "
           f"{result['clock']} clock")

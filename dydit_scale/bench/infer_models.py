@@ -13,7 +13,7 @@ FLOPs ratio near 0.5.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from dydit_scale.models.build import set_attention_backend
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.registry import get_family, get_replica
 
-__all__ = ["PRESETS", "Preset", "build_paths", "cast", "model_inputs", "step_inputs", "to_device"]
+__all__ = ["PRESETS", "Preset", "at_resolution", "build_paths", "cast", "model_inputs", "step_inputs", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Preset:
     token_keep: float = 0.75
     """Share of the tokens the token routers keep (SDT presets)."""
     defaults: dict[str, int] = field(default_factory=lambda: dict(steps=4, batch=2, repeats=5))
+    resizable: bool = False
+    """Whether `at_resolution` may change the pixels (the released-width presets)."""
 
 
 def _released(replica: str, dynamic: dict[str, Any], text_tokens: int, tokens: str, note: str,
@@ -56,7 +58,7 @@ def _released(replica: str, dynamic: dict[str, Any], text_tokens: int, tokens: s
     family, record = get_replica(replica)
     return Preset(family.name, record.transformer_config(1), dynamic | dict(tokens=True), text_tokens, tokens,
                   f"{record.source} width, {note}; {tokens}; batch 1 by default",
-                  defaults=dict(steps=2, batch=1, repeats=3), **kwargs)
+                  defaults=dict(steps=2, batch=1, repeats=3), resizable=True, **kwargs)
 
 
 _DIT_B = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
@@ -83,6 +85,25 @@ PRESETS: dict[str, Preset] = {
                          "1 spatial + 1 temporal block, dynamic cross-attention", latent_hw=(32, 32),
                          resolution=(256, 256), token_keep=0.85),
 }
+
+
+def at_resolution(name: str, resolution: int | None) -> Preset:
+    """Preset `name` at `resolution`² pixels when given (released-width presets only): the latents,
+    the scheduler's time keys (FLUX's resolution shift) and the token count follow. Each of these
+    models has an 8× VAE and 2×2 patches (FLUX packs them), so a side must be a multiple of 16."""
+    preset = PRESETS[name]
+    if resolution is None:
+        return preset
+    if not preset.resizable:
+        names = ", ".join(key for key, value in PRESETS.items() if value.resizable)
+        raise ValueError(f"--resolution: only for the released-width presets ({names}), not {name}")
+    if resolution < 16 or resolution % 16:
+        raise ValueError(f"--resolution: expected a positive multiple of 16 pixels, got {resolution}")
+    image, frames = (resolution // 16) ** 2, preset.config.get("video_length")
+    tokens = (f"{resolution}² × {frames} frames: {frames} × {image} image + {preset.text_tokens} text tokens"
+              if frames else f"{resolution}²: {image} image + {preset.text_tokens} text tokens")
+    return replace(preset, latent_hw=(resolution // 8, resolution // 8), resolution=(resolution, resolution),
+                   tokens=tokens)
 
 
 def _init_routers(model: nn.Module, seed: int) -> None:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cluster import REPO, RECIPE, LocalSlurm, free_port, launch_env, slurm_missing, tail, wait_for
+from cluster import REPO, RECIPE, LocalSlurm, free_port, launch_env, slurm_missing, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dydit_scale.bench import infer
-from dydit_scale.bench.infer_models import PRESETS
+from dydit_scale.bench.infer_models import PRESETS, at_resolution
 from dydit_scale.models.registry import get_replica
 
 
@@ -50,6 +50,34 @@ def test_released_presets_default_to_batch_1_and_few_steps_unless_flags_say_othe
     assert (args.batch, args.steps, args.repeats) == (1, 2, 3)
     assert (args.device, args.dtype, args.attention) == ("cpu", "bf16", "sdpa")
     assert infer.resolve(_parse("--preset", "flux-dev", "--steps", "5")).steps == 5
+
+
+@pytest.mark.parametrize(("preset", "resolution", "latent_hw", "tokens"), [
+    ("flux-dev", 1024, (128, 128), "1024²: 4096 image + 512 text tokens"),
+    ("pixart-alpha", 512, (64, 64), "512²: 1024 image + 120 text tokens"),
+    ("latte-1", 512, (64, 64), "512² × 16 frames: 16 × 1024 image + 120 text tokens"),
+])
+def test_released_presets_take_a_resolution_and_their_tokens_follow(preset, resolution, latent_hw, tokens):
+    sized = at_resolution(preset, resolution)
+    assert (sized.latent_hw, sized.resolution, sized.tokens) == (latent_hw, (resolution, resolution), tokens)
+    assert at_resolution(preset, None) is PRESETS[preset]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--preset", "dit-b", "--resolution", "512"), "^--resolution: only for the released-width presets"),
+    (("--preset", "flux-dev", "--resolution", "1000"), "^--resolution: expected a positive multiple of 16"),
+])
+def test_a_resolution_the_preset_cannot_take_is_a_one_line_error(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        infer.check_args(_parse("--device", "cpu", *argv))
+
+
+def test_flux_dev_runs_at_a_chosen_resolution(capsys):
+    assert infer.run(_parse("--preset", "flux-dev", "--resolution", "64", "--steps", "1", "--repeats", "1",
+                            "--device", "cpu", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["resolution"] == [64, 64] and result["tokens"] == "64²: 16 image + 512 text tokens"
+    assert result["max_abs_diff_fast_vs_masked"] < 1e-3
 
 
 def test_xformers_without_cuda_is_a_one_line_error(monkeypatch):

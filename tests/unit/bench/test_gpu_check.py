@@ -204,6 +204,7 @@ def test_plan_on_cpu_names_every_check_and_honours_skip(tmp_path):
     assert train.needs == ("train: model", "train: shards") and "data.resolution=32" in train.command
     full = gpu_check.plan(tmp_path, "cuda", False, [], 3)
     assert [step.checks[0] for step in full][1:3] == ["infer flux-dev sdpa", "infer flux-dev xformers"]
+    assert full[1].command[-2:] == ["--resolution", "1024"]  # FLUX at its released 1024², not the CPU default
     assert "data.resolution=1024" in full[-1].command and "model.dtype=fp32" not in full[-1].command
     assert full[-4].command[-6:] == ["--dtype", "bf16", "--layers", "3", "--text-layers", "1"]
     assert full[-3].command[-2:] == ["--image-side", "1024"] and full[-2].needs == ("train: images",)

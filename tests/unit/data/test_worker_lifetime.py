@@ -3,7 +3,6 @@ and still die with a trainer that is killed outright."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
