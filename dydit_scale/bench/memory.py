@@ -5,9 +5,9 @@ Model states (parameters, gradients, optimizer states) come from DeepSpeed's own
 master weights and Adam (train with model.dtype bf16). Their per-GPU total is split the way their
 comments count it; frozen weights (LoRA / TD-LoRA: everything but the adapters and routers) are
 stored in bf16, replicated under ZeRO-2 and partitioned under ZeRO-3. Activations are measured, not
-modelled (`memory_measure`). Not counted: the CUDA context, DeepSpeed's communication buckets,
-allocator fragmentation, and the frozen text encoders and VAE. GB here are 2^30 bytes, as DeepSpeed
-prints them.
+modelled (`memory_measure`). The frozen text encoders (bf16, as the trainer holds them) and VAE
+(fp32) are whole on every rank. Not counted: the CUDA context, DeepSpeed's communication buckets and
+allocator fragmentation. GB here are 2^30 bytes, as DeepSpeed prints them.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     """Count, measure and estimate (see module doc); everything in the JSON is in bytes or parameters."""
     import torch
 
-    from dydit_scale.bench.memory_measure import measure_replica, released_parameters
+    from dydit_scale.bench.memory_measure import frozen_components, measure_replica, released_parameters
     from dydit_scale.config import LoraConfig
     from dydit_scale.models.registry import get_replica
 
@@ -125,7 +125,9 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     states = model_states(trainable, total - trainable, measured.largest_layer, world=args.world, nodes=nodes,
                           zero=args.zero, offload=args.offload, offload_params=args.offload_params)
     activations = {"none": measured.activations(False), "checkpointing": measured.activations(True)}
-    kept = states["parameters"] + states["gradients"] + states["optimizer"]
+    frozen = frozen_components(replica)
+    frozen_bytes = sum((4 if name == "vae" else 2) * count for name, count in frozen.items())
+    kept = states["parameters"] + states["gradients"] + states["optimizer"] + frozen_bytes
     per_rank = {mode: kept + value for mode, value in activations.items()}
     return dict(replica=args.replica, source=replica.source, lora=args.lora, zero=args.zero, world=args.world,
                 nodes=nodes, offload=args.offload, offload_params=args.offload_params, resolution=resolution,
@@ -134,7 +136,8 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
                 parameters=dict(total=total, released_transformer=base, added_by_dynamic_and_adapters=total - base,
                                 trainable=trainable, largest_layer=measured.largest_layer),
                 blocks=[dataclasses.asdict(b) for b in measured.blocks],
-                states=states, activations=activations, total=per_rank, gpu_bytes=args.gpu_gb * GIB,
+                states=states, frozen_components=dict(parameters=frozen, bytes=frozen_bytes),
+                activations=activations, total=per_rank, gpu_bytes=args.gpu_gb * GIB,
                 fits={mode: value <= args.gpu_gb * GIB for mode, value in per_rank.items()},
                 one_block_per_stack=dict(saved=measured.measured_model(),
                                          cuda_forward_peak=measured.cuda_forward_peak))
@@ -160,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'per rank, GB':<22}{'no checkpointing':>18}{'checkpointing':>16}")
     for label, key in (("parameters", "parameters"), ("gradients", "gradients"), ("optimizer states", "optimizer")):
         print(f"{label:<22}{states[key] / GIB:>18.2f}{states[key] / GIB:>16.2f}")
+    frozen = result["frozen_components"]["bytes"] / GIB
+    print(f"{'frozen encoders + VAE':<22}{frozen:>18.2f}{frozen:>16.2f}")
     acts, totals, fits = result["activations"], result["total"], result["fits"]
     print(f"{'activations':<22}{acts['none'] / GIB:>18.2f}{acts['checkpointing'] / GIB:>16.2f}")
     print(f"{'total':<22}{totals['none'] / GIB:>18.2f}{totals['checkpointing'] / GIB:>16.2f}")
@@ -171,5 +176,5 @@ def run(args: argparse.Namespace) -> int:
     if check["cuda_forward_peak"] is not None:
         print(f"CUDA cross-check, one block per stack: saved tensors {check['saved'] / GIB:.2f} GB, forward peak "
               f"(max_memory_allocated) {check['cuda_forward_peak'] / GIB:.2f} GB")
-    print("not counted: CUDA context, DeepSpeed buckets, fragmentation, frozen text encoders and VAE")
+    print("not counted: CUDA context, DeepSpeed buckets, fragmentation")
     return 0

@@ -28,7 +28,7 @@ from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.family import Family, vae_scale_factor
 from dydit_scale.models.replica import Replica
 
-__all__ = ["BlockCount", "Measured", "measure_replica", "released_parameters"]
+__all__ = ["BlockCount", "Measured", "frozen_components", "measure_replica", "released_parameters"]
 
 
 @dataclass
@@ -81,6 +81,22 @@ def released_parameters(family: Family, replica: Replica) -> tuple[nn.Module, in
     with torch.device("meta"):
         model = family.transformer_class(**replica.transformer_config())
     return model, sum(p.numel() for p in model.parameters())
+
+
+def frozen_components(replica: Replica) -> dict[str, int]:
+    """Parameters of the pipeline's frozen components at the released depth, by component name (the
+    text encoders and `vae`), counted on the meta device: every rank holds a whole copy of each."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    counts = {}
+    with torch.device("meta"):
+        for name, encoder in replica.text_encoders.items():
+            model = (T5EncoderModel(T5Config(**encoder.config)) if encoder.kind == "t5"
+                     else CLIPTextModel(CLIPTextConfig(**encoder.config)))
+            counts[name] = sum(p.numel() for p in model.parameters())
+        counts["vae"] = sum(p.numel() for p in diffusers.AutoencoderKL(**replica.vae).parameters())
+    return counts
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

@@ -44,6 +44,13 @@ def test_pixart_memory_counts_parameters_by_hand_and_measures_activations(capsys
     activations = result["activations"]
     assert 0 < activations["checkpointing"] < activations["none"]
     assert result["fits"] == {"none": True, "checkpointing": True}
+    t5_layer = 4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096  # attention, gated-GELU FFN, two RMSNorms
+    t5_xxl = 32128 * 4096 + 24 * t5_layer + 32 * 64 + 4096     # + relative position bias, final norm
+    frozen = result["frozen_components"]
+    assert frozen["parameters"]["text_encoder"] == t5_xxl
+    assert frozen["bytes"] == 2 * t5_xxl + 4 * frozen["parameters"]["vae"]  # T5 in bf16, the VAE fp32
+    kept = states["parameters"] + states["gradients"] + states["optimizer"] + frozen["bytes"]
+    assert result["total"] == {mode: kept + value for mode, value in activations.items()}
 
 
 def test_td_lora_trains_adapters_and_routers_while_the_base_stays_stored():
