@@ -2,8 +2,14 @@
 
 SRC is either a folder (every image/video under it, captions from the `.txt` beside each file and
 metadata from an optional `.json`), or a manifest with a `path` and a `caption` column/field (paths
-relative to the manifest; other columns go into the sample's `.json`). Items without a caption and
-images the loader could not decode are left out, each named on stderr and counted in the summary.
+relative to the manifest; other columns go into the sample's `.json`), or an ImageFolder tree
+(`--layout imagefolder`, the torchvision layout `SRC/<class name>/**/*.jpg|png|webp`): each image
+becomes a class-conditional sample with `.cls`, the index of its class folder in sorted name order
+(as `torchvision.datasets.ImageFolder` numbers them), a `.txt` beside it is kept as its caption, and
+`OUT/classes.json` maps index → folder name (`{"0": "class_a", ...}`, the id2label of diffusers'
+`DiTPipeline`). `--layout auto` picks imagefolder when SRC has no media at its top level but
+subfolders holding images. Items without a caption (or class) and images the loader could not
+decode are left out, each named on stderr and counted in the summary.
 Shards are written by `webdataset.ShardWriter` as `OUT/shard-%06d.tar.partial` and renamed when
 complete, so a shard file is always whole. While packing, `pack_progress.json` records, per finished
 shard, the next input item: a rerun after an interruption continues from there instead of starting
@@ -25,8 +31,8 @@ from typing import Any
 
 from dydit_scale.io import atomic_write_json
 from dydit_scale.data.format import (
-    IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_image, read_sizes, shard_pattern,
-    write_sizes,
+    CAPTION_EXT, CLASS_EXT, CLASSES_FILE, IMAGE_EXTS, SIZES_FILE, VIDEO_EXTS, DataFormatError, read_image,
+    read_sizes, shard_pattern, write_classes, write_sizes,
 )
 
 PROGRESS_FILE = "pack_progress.json"
@@ -34,11 +40,12 @@ PROGRESS_FILE = "pack_progress.json"
 
 @dataclass(frozen=True)
 class Entry:
-    """One input item: a media file, its caption (None when missing) and extra metadata."""
+    """One input item: a media file, its caption (None when missing), extra metadata and class index."""
 
     path: str
     caption: str | None
     meta: dict[str, Any] = field(default_factory=dict)
+    label: int | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder for shard-%%06d.tar and sizes.json")
     parser.add_argument("--kind", choices=("auto", "image", "video"), default="auto",
                         help="which media to pack (auto: whatever SRC holds, but not both)")
+    parser.add_argument("--layout", choices=("auto", "captions", "imagefolder"), default="auto",
+                        help="captions: media with .txt beside them or a manifest; imagefolder: SRC/<class>/*.jpg "
+                             "→ class-conditional .cls samples + classes.json (auto: imagefolder when SRC has no "
+                             "media at its top level but subfolders holding images)")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
@@ -86,6 +97,46 @@ def _from_folder(src: Path) -> list[Entry]:
     return entries
 
 
+def resolve_layout(src: str, layout: str) -> str:
+    """`captions` or `imagefolder`; auto picks imagefolder for a folder of class subfolders of images
+    most of which have no caption (a captioned dataset kept in subfolders stays a captions layout)."""
+    if layout != "auto":
+        return layout
+    path = Path(src)
+    if not path.is_dir() or any(p.is_file() and _media_kind(p.name) for p in path.iterdir()):
+        return "captions"
+    images = [p for p in path.rglob("*") if p.is_file() and _media_kind(p.name) == "image"]
+    captioned = sum(p.with_suffix(".txt").is_file() for p in images)
+    return "imagefolder" if images and 2 * captioned < len(images) else "captions"
+
+
+def imagefolder_classes(src: Path) -> list[str]:
+    """Class names in index order: every subfolder of SRC, sorted by name (torchvision's ImageFolder)."""
+    if not src.is_dir():
+        raise DataFormatError(f"{src}: --layout imagefolder expects a folder of class subfolders")
+    classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
+    if not classes:
+        raise DataFormatError(f"{src}: --layout imagefolder expects class subfolders (SRC/<class>/*.jpg), found none")
+    return classes
+
+
+def _from_imagefolder(src: Path) -> list[Entry]:
+    """One entry per image under SRC/<class>/, labelled with the class index; a `.txt` beside it is its caption."""
+    entries = []
+    for label, name in enumerate(imagefolder_classes(src)):
+        files = sorted(p for p in (src / name).rglob("*") if p.is_file() and _media_kind(p.name))
+        videos = [p for p in files if _media_kind(p.name) != "image"]
+        if videos:
+            raise DataFormatError(f"{videos[0]}: --layout imagefolder packs images only (.{'|.'.join(IMAGE_EXTS)})")
+        if not files:
+            raise DataFormatError(f"{src / name}: class folder holds no .{'|.'.join(IMAGE_EXTS)} image; remove it "
+                                  "or add images (class indices follow the sorted folder names)")
+        for path in files:
+            meta = {**_read_meta(path.with_suffix(".json")), "class_name": name}
+            entries.append(Entry(str(path), _read_caption(path.with_suffix(".txt")), meta, label))
+    return entries
+
+
 def _manifest_line(src: Path, n: int, line: str) -> dict[str, Any]:
     """One JSONL manifest row as a dict."""
     try:
@@ -115,9 +166,13 @@ def _from_manifest(src: Path) -> list[Entry]:
     return entries
 
 
-def list_entries(src: str, kind: str) -> list[Entry]:
-    """The input items in a deterministic order (sorted folder walk, or manifest order)."""
+def list_entries(src: str, kind: str, layout: str = "captions") -> list[Entry]:
+    """The input items in a deterministic order (sorted folder walk, class by class, or manifest order)."""
     path = Path(src)
+    if layout == "imagefolder":
+        if kind == "video":
+            raise DataFormatError(f"{src}: --layout imagefolder packs images; --kind video does not apply")
+        return _from_imagefolder(path)
     if path.is_dir():
         entries = _from_folder(path)
     elif path.suffix in (".csv", ".jsonl") and path.is_file():
@@ -138,7 +193,8 @@ def list_entries(src: str, kind: str) -> list[Entry]:
 def _fingerprint(entries: list[Entry], args: argparse.Namespace) -> str:
     digest = hashlib.sha1(f"{args.max_count}:{args.max_size}:{args.prefix}".encode())
     for entry in entries:
-        digest.update(f"{entry.path}\0{entry.caption}\n".encode())
+        label = "" if entry.label is None else f"\0{entry.label}"
+        digest.update(f"{entry.path}\0{entry.caption}{label}\n".encode())
     return digest.hexdigest()
 
 
@@ -179,14 +235,18 @@ def _image_problem(data: bytes) -> str | None:
 
 def _sample(index: int, entry: Entry, data: bytes) -> dict[str, Any]:
     ext = entry.path.rsplit(".", 1)[-1].lower()
-    sample = {"__key__": f"{index:09d}", {"jpeg": "jpg"}.get(ext, ext): data, "txt": entry.caption.encode("utf-8")}
+    sample: dict[str, Any] = {"__key__": f"{index:09d}", {"jpeg": "jpg"}.get(ext, ext): data}
+    if entry.caption:
+        sample[CAPTION_EXT] = entry.caption.encode("utf-8")
+    if entry.label is not None:
+        sample[CLASS_EXT] = str(entry.label).encode("ascii")
     sample["json"] = json.dumps({"source": entry.path, **entry.meta}).encode("utf-8")
     return sample
 
 
 def _media_or_reason(entry: Entry) -> tuple[bytes | None, str, str]:
     """(the bytes to pack, "", "") or (None, summary group, reason) for an item left out."""
-    if not entry.caption:
+    if not entry.caption and entry.label is None:
         return None, "without a caption", "no caption (a .txt beside it, or a 'caption' field)"
     data = _read_media(entry)
     problem = _image_problem(data) if _media_kind(entry.path) == "image" else None
@@ -208,8 +268,12 @@ def _pack(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = list_entries(args.src, args.kind)
+    layout = resolve_layout(args.src, getattr(args, "layout", "auto"))
+    entries = list_entries(args.src, args.kind, layout)
     progress = _load_progress(out, _fingerprint(entries, args))
+    classes = imagefolder_classes(Path(args.src)) if layout == "imagefolder" else []
+    if classes:
+        write_classes(out, classes)
     done = progress["shards"]
     start_item = max((s["next_item"] for s in done.values()), default=0)
     for stale in out.glob("*.partial"):
@@ -257,6 +321,7 @@ def _pack(args: argparse.Namespace) -> int:
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     total = sum(read_sizes(out).values())
     print(f"pack: {out}: {len(done)} shard(s), {total} sample(s)"
+          + (f"; {len(classes)} class(es) in {CLASSES_FILE}" if classes else "")
           + (f"; resumed at item {start_item}" if start_item else "")
           + "".join(f"; {n} item(s) {why} left out" for why, n in left_out.items()))
     return 0

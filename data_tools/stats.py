@@ -1,7 +1,9 @@
 """`dydit-data stats SHARDS...`: what the shards hold, and (with --write-sizes) their sizes.json.
 
 Reads each shard once without decoding pixels: sample kinds, bytes, caption lengths, image sizes
-from the file headers, video frame counts and sizes from decord's index. Useful to choose
+from the file headers, video frame counts and sizes from decord's index, and for class-conditional
+samples the class indices (`.cls`, read by the loader's own reader; unreadable ones are counted as
+`bad_labels`). Useful to choose
 `data.resolution`, `num_frames` and the bucket range, and to (re)write sizes.json for shards that
 were not written by `dydit-data pack`.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from data_tools import shard_paths
 from dydit_scale.data.format import (
-    IMAGE_EXTS, VIDEO_EXTS, DataFormatError, sample_kind, write_sizes,
+    CLASS_EXT, IMAGE_EXTS, VIDEO_EXTS, DataFormatError, read_class, sample_kind, write_sizes,
 )
 
 
@@ -65,7 +67,8 @@ def shard_stats(path: str) -> dict[str, Any]:
     errors: list[Exception] = []
     kinds: Counter[str] = Counter()
     values: dict[str, list[float]] = defaultdict(list)
-    samples = 0
+    samples = bad_labels = 0
+    classes: set[int] = set()
 
     def keep(exn: Exception) -> bool:
         errors.append(exn)
@@ -81,6 +84,14 @@ def shard_stats(path: str) -> dict[str, Any]:
         values["bytes"].append(sum(len(v) for k, v in sample.items() if isinstance(v, bytes)))
         if "txt" in sample:
             values["caption_words"].append(len(sample["txt"].decode("utf-8", "replace").split()))
+        if CLASS_EXT in sample:
+            try:
+                label = read_class(sample)
+            except DataFormatError:
+                bad_labels += 1
+            else:
+                values["label"].append(label)
+                classes.add(label)
         size = _media_size(sample, kind)
         if size is not None:
             values["width"].append(size[0])
@@ -88,7 +99,9 @@ def shard_stats(path: str) -> dict[str, Any]:
             values["aspect"].append(round(size[0] / size[1], 3))
             if kind == "video":
                 values["frames"].append(size[2])
+    labels = {"labelled": len(values.get("label", [])), "classes": len(classes), "bad_labels": bad_labels}
     return {"samples": samples, "kinds": dict(kinds), "corrupt": bool(errors),
+            **(labels if values.get("label") or bad_labels else {}),
             **{name: _summary(v) for name, v in values.items()}}
 
 
@@ -108,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     for stats in shards.values():
         kinds.update(stats["kinds"])
     total = {"shards": len(shards), "samples": sum(s["samples"] for s in shards.values()), "kinds": dict(kinds),
-             "bytes": sum(s.get("bytes", {}).get("mean", 0) * s["samples"] for s in shards.values())}
+             "bytes": sum(s.get("bytes", {}).get("mean", 0) * s["samples"] for s in shards.values()),
+             "labelled": sum(s.get("labelled", 0) for s in shards.values())}
     if args.json:
         print(json.dumps({"total": total, "shards": shards}, indent=1))
         return 0
@@ -135,12 +149,14 @@ def _table(shards: dict[str, dict[str, Any]], total: dict[str, Any]) -> list[str
     names = [os.path.basename(path) for path in shards]
     width = max([len("shard"), len("total"), *map(len, names)])
     lines = [f"{'shard':<{width}} {'samples':>8} {'MB':>8} {'width px':>11} {'height px':>11} {'frames':>9} "
-             f"{'caption words':>13}  kinds"]
+             f"{'caption words':>13} {'class ids':>11}  kinds"]
     for name, s in zip(names, shards.values()):
         mb = s.get("bytes", {}).get("mean", 0) * s["samples"] / 1e6
         lines.append(f"{name:<{width}} {s['samples']:>8} {mb:>8.1f} {_span(s, 'width'):>11} {_span(s, 'height'):>11} "
-                     f"{_span(s, 'frames'):>9} {_span(s, 'caption_words'):>13}  {_kinds(s['kinds'])}"
+                     f"{_span(s, 'frames'):>9} {_span(s, 'caption_words'):>13} {_span(s, 'label'):>11}  "
+                     f"{_kinds(s['kinds'])}"
+                     + (f"  ({s['bad_labels']} unreadable .cls)" if s.get("bad_labels") else "")
                      + ("  (corrupt tar: read up to the damage)" if s["corrupt"] else ""))
     lines.append(f"{'total':<{width}} {total['samples']:>8} {total['bytes'] / 1e6:>8.1f} {'':>11} {'':>11} {'':>9} "
-                 f"{'':>13}  {_kinds(total['kinds'])}")
+                 f"{'':>13} {'':>11}  {_kinds(total['kinds'])}")
     return lines

@@ -1,7 +1,7 @@
 """`dydit-data synth --tiny-model FAMILY OUT` / `--replica NAME OUT`: a random-init diffusers pipeline folder.
 
 A tiny model is a few-KB pipeline for fast tests; a replica is a released pipeline (FLUX.1, PixArt-α,
-Latte-1) at its real widths and folder layout with fewer blocks, for memory and layout checks.
+Latte-1, DiT-XL/2) at its real widths and folder layout with fewer blocks, for memory and layout checks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a random-init tiny diffusers pipeline of this family to OUT")
     parser.add_argument("--replica", metavar="NAME",
                         help="write a released pipeline at its real widths with random weights and few blocks "
-                             "to OUT (flux-dev, flux-schnell, pixart-alpha-1024, pixart-alpha-512, latte-1)")
+                             "to OUT (flux-dev, flux-schnell, pixart-alpha-1024, pixart-alpha-512, latte-1, dit-xl-2-256)")
     parser.add_argument("--layers", type=int, metavar="N", help="replica: blocks per transformer stack (default: the replica's)")
     parser.add_argument("--text-layers", type=int, default=1, metavar="N", help="replica: layers per text encoder")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="replica: weight dtype on disk")

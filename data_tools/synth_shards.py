@@ -2,7 +2,9 @@
 
 Coloured shapes whose captions name them ("a small red circle at the top left"), as images of
 several aspect ratios or as short drifting-shape mp4s (PyAV, ≥ 64 px wide for decord); written with
-`webdataset.ShardWriter` plus sizes.json. The generator lives in `dydit_scale.data.synthetic` so
+`webdataset.ShardWriter` plus sizes.json. With `--classes N`, image samples are class-conditional
+(ImageNet style): `.cls` in [0, N) instead of a caption, the class fixing the shape (and colour, ...),
+plus `classes.json` beside sizes.json. The generator lives in `dydit_scale.data.synthetic` so
 that `dydit-bench data` can use it without importing `data_tools`.
 """
 
@@ -33,17 +35,24 @@ def add_shard_arguments(parser: argparse.ArgumentParser, *, with_out: bool = Tru
     parser.add_argument("--frames", type=int, default=8, help="video: frames per clip")
     parser.add_argument("--video-size", type=_size, default=(96, 64), help="video: WIDTHxHEIGHT (width >= 64)")
     parser.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg", help="image encoding")
+    parser.add_argument("--classes", type=int, default=None, metavar="N",
+                        help="image: class-conditional samples with .cls in [0, N) and no caption, + classes.json")
     if with_out:
         parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
 
 
 def run_shards(args: argparse.Namespace) -> int:
     """Write the shards; prints one summary line."""
-    from dydit_scale.data.synthetic import write_synthetic_shards
+    from dydit_scale.data.synthetic import MAX_CLASSES, write_synthetic_shards
 
     if args.count < 1 or args.per_shard < 1:
         print(f"dydit-data synth: --count and --per-shard must be >= 1, got {args.count}, {args.per_shard}",
               file=sys.stderr)
+        return 2
+    classes = getattr(args, "classes", None)
+    if classes is not None and (args.shards != "image" or not 1 <= classes <= MAX_CLASSES):
+        print(f"dydit-data synth: --classes needs --shards image and 1 <= N <= {MAX_CLASSES}, got "
+              f"--shards {args.shards} --classes {classes}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if any(out.glob("*.tar")):
@@ -51,9 +60,10 @@ def run_shards(args: argparse.Namespace) -> int:
         return 2
     paths = write_synthetic_shards(
         out, args.shards, args.count, per_shard=args.per_shard, seed=getattr(args, "seed", 0),
-        num_frames=args.frames, video_size=args.video_size, image_format=args.image_format,
+        num_frames=args.frames, video_size=args.video_size, image_format=args.image_format, classes=classes,
     )
-    print(f"wrote {args.count} synthetic {args.shards} sample(s) in {len(paths)} shard(s) to {out}")
+    what = f"class-conditional image sample(s) of {classes} classes" if classes else f"{args.shards} sample(s)"
+    print(f"wrote {args.count} synthetic {what} in {len(paths)} shard(s) to {out}")
     return 0
 
 

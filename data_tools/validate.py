@@ -4,7 +4,8 @@ Every sample goes through the same readers the loader uses (`dydit_scale.data.fo
 reasons match `batch["skipped"]`: a shard set that validates clean trains without a single skip.
 Images are fully decoded; videos are opened with decord, their frame count checked against
 `--frames`, and eight frames spread over the clip (the last included) decoded; pre-encoded arrays
-are loaded. A shard whose tar cannot be read to its end counts one `corrupt_tar`, and a sample count
+are loaded. A `.cls` class label stands in for the caption of an image or pre-encoded sample, as in
+the loader. A shard whose tar cannot be read to its end counts one `corrupt_tar`, and a sample count
 that differs from sizes.json is reported. Exit code 1 if anything is bad, else 0.
 """
 
@@ -19,8 +20,8 @@ from typing import Any
 
 from data_tools import shard_paths
 from dydit_scale.data.format import (
-    IMAGE_EXTS, LATENT_EXT, SKIP_REASONS, VIDEO_EXTS, DataFormatError,
-    check_size, media_bytes, open_video, read_array, read_caption, read_image, read_meta, sample_kind, shard_sizes,
+    IMAGE_EXTS, SKIP_REASONS, VIDEO_EXTS, DataFormatError, check_latent_members, check_size, media_bytes,
+    open_video, read_array, read_caption, read_condition, read_image, read_meta, sample_kind, shard_sizes,
 )
 
 
@@ -39,16 +40,16 @@ def check_sample(sample: dict[str, Any], *, min_frames: int, min_side: int) -> N
     kind = sample_kind(sample)
     read_meta(sample)
     if kind == "latent":
-        read_caption(sample, required=False)
+        check_latent_members(sample)
+        read_condition(sample, caption_required=False)
         for ext in [e for e in sample if e.endswith(".npy")]:
             read_array(sample[ext], what=ext)
-        if LATENT_EXT not in sample:
-            raise DataFormatError(f"no .{LATENT_EXT}", reason="missing_media")
         return
-    read_caption(sample)
     if kind == "image":
+        read_condition(sample)
         read_image(media_bytes(sample, IMAGE_EXTS), min_side=min_side)
         return
+    read_caption(sample)
     reader = open_video(media_bytes(sample, VIDEO_EXTS), min_frames=min_frames)
     count = len(reader)
     indices = sorted({round(i * (count - 1) / 7) for i in range(8)})

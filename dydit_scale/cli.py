@@ -10,6 +10,7 @@ import sys
 
 from dydit_scale.config import RecipeError, dump_recipe, recipe_choices, recipe_fields, split_overrides
 from dydit_scale.help_format import DefaultsHelpFormatter
+from dydit_scale.train.consolidate import zero_state_dict as _zero_state_dict
 from dydit_scale.train.recipe_checks import load_checked_recipe
 
 
@@ -94,18 +95,6 @@ def _resolution(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}") from None
 
 
-def _zero_state_dict(step_folder):
-    """Full fine-tuning weights consolidated from the ZeRO files with DeepSpeed's own tool, weights-only
-    (a tampered file is refused with an UnsafeCheckpointError, a ValueError naming it)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from dydit_scale.train import safe_load
-
-    safe_load.scan(step_folder)
-    with safe_load.forced():
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_folder.parent), tag=step_folder.name)
-
-
 def export(argv: list[str] | None = None) -> int:
     """`dydit-export CHECKPOINT_OR_RUN --steps N [--resolution S|HxW] [--sampler NAME] OUT`: freeze the
     router schedule for a sampler's time keys (schedule.safetensors/.json + schedule.png)."""
@@ -116,7 +105,7 @@ def export(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--steps", type=int, required=True, help="sampler steps")
     parser.add_argument("--resolution", type=_resolution, help="sampling size (default: the recipe's data.resolution)")
-    parser.add_argument("--sampler", help="flux: flow_euler; pixart: dpm_solver | ddim; latte: ddim")
+    parser.add_argument("--sampler", help="flux: flow_euler; pixart: dpm_solver | ddim; latte: ddim; dit: ddim | dpm_solver")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32",
                         help="the pipeline's dtype (keys follow it) and that of --save-transformer's weights")
     parser.add_argument("--save-transformer", action="store_true",
@@ -152,7 +141,7 @@ def sample(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a run folder (its newest complete checkpoint) or a step-NNNNNNN folder")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--schedule", required=True, help="a folder written by dydit-export")
-    parser.add_argument("--prompt", dest="prompts", action="append", help="repeatable (default: the recipe's validation prompts)")
+    parser.add_argument("--prompt", dest="prompts", action="append", help="repeatable (default: the recipe's validation prompts); dit: a class index or class name")
     parser.add_argument("--seed", dest="seeds", action="append", type=int, help="repeatable (default: the recipe's seeds)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the recipe's validation.guidance_scale)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the schedule's; others only where the "

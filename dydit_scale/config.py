@@ -41,8 +41,8 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["flux", "pixart", "latte"] = "flux"
-    """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video)."""
+    family: Literal["flux", "pixart", "latte", "dit"] = "flux"
+    """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video) | dit (DyDiT, class-conditional DDPM on ImageNet-style .cls shards)."""
     path: str
     """Required. Local diffusers folder: a whole pipeline (model_index.json); export and sampling also take a transformer folder (config.json). Never downloaded."""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -74,8 +74,8 @@ class DynamicConfig(_Section):
     """PixArt/Latte: make cross-attention heads dynamic too (static by default)."""
     text_mlp: bool = False
     """FLUX: make the text-stream FFN width-dynamic too (static by default)."""
-    importance_norm: Literal["l1", "l2"] = "l1"
-    """Norm of the magnitude criterion used to rank heads and MLP channels before fine-tuning."""
+    importance_norm: Literal["l1", "l2", "none"] = "l1"
+    """Norm of the magnitude criterion used to rank heads and MLP channels before fine-tuning; none keeps the loaded order (weights already ranked, as in the released DyDiT checkpoints, whose head 0 and group 0 are the always-on ones)."""
     flops_loss_weight: float = Field(2.0, ge=0.0)
     """w in w·(mean_b r_b − λ_eff)² (the official code uses 2, the paper 1)."""
     target_warmup_steps: int = Field(1000, ge=0)
@@ -212,13 +212,13 @@ class ValidationConfig(_Section):
     batches: int = Field(2, ge=1)
     """Held-out batches per validation."""
     prompts: list[str] = Field(default_factory=lambda: ["a red circle", "a blue square"])
-    """Fixed prompts of the sample grid."""
+    """Fixed prompts of the sample grid (dit: class indices such as "207", or class names the pipeline knows)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     """Fixed seeds of the sample grid (one row per seed)."""
     inference_steps: int = Field(20, ge=1)
     """Sampler steps for the grid."""
     guidance_scale: float = Field(3.5, ge=0.0)
-    """Guidance for the grid (FLUX: distilled guidance; PixArt/Latte: CFG)."""
+    """Guidance for the grid (FLUX: distilled guidance; PixArt/Latte/DiT: CFG)."""
 
 
 class Recipe(_Section):
@@ -250,7 +250,7 @@ class Recipe(_Section):
         if (self.data.kind == "video_text") != (self.model.family == "latte"):
             raise ValueError(
                 f"data.kind {self.data.kind!r} does not fit model.family {self.model.family!r}: "
-                "video_text goes with latte, image_text with flux or pixart"
+                "video_text goes with latte, image_text with flux, pixart or dit"
             )
         if self.train.timestep_weighting != "none" and self.model.family != "flux":
             raise ValueError(

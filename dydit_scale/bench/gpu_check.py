@@ -3,7 +3,7 @@
 One command for a first session on a GPU, within a time budget (default 7.5 min), each sub-step a
 subprocess with its own hard timeout and log under --out:
 1. the GPU parity tests (`tests/gpu`): fast vs masked path, attention sdpa and xformers;
-2. `dydit-bench infer` in bf16 for flux-dev (at 1024²), pixart-alpha and latte-1, with each attention
+2. `dydit-bench infer` in bf16 for flux-dev (at 1024²), pixart-alpha, latte-1 and dit-xl, with each attention
    backend;
 3. one DeepSpeed TD-LoRA step of a random-weight FLUX.1-dev replica at 1024² (recipe
    flux_tdlora_zero2.yaml), reading loss, step time and peak memory from the run's metrics.jsonl.
@@ -30,7 +30,7 @@ __all__ = ["add_arguments", "plan", "run"]
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ("sdpa", "xformers")
-PRESETS = {"full": ("flux-dev", "pixart-alpha", "latte-1"), "quick": ("tiny-flux", "tiny")}
+PRESETS = {"full": ("flux-dev", "pixart-alpha", "latte-1", "dit-xl"), "quick": ("tiny-flux", "tiny")}
 CHECKS = ("parity", "infer", "train")
 #: the one-step run: batch 1, no warm-up, a checkpoint at the step, one one-step validation image
 ONE_STEP = ["train.steps=1", "train.grad_accum=1", "data.batch_size=1", "data.workers=0", "data.shuffle_buffer=0",

@@ -7,6 +7,13 @@ after an untimed warm-up pass. Reported per path: s/step (the best of each step'
 a shared machine's noise; the median too), the analytic FLOPs ratio of `flops_ratio`, speed-up over
 the stock model, and efficiency = speed-up ÷ (1 / FLOPs ratio): 1.0 means the FLOPs saved turn fully
 into time saved. The goal is a fast-path efficiency ≥ 0.90.
+
+`--run RUN --schedule DIR` times a trained run instead of a preset (e.g. a released DyDiT converted with
+`dydit-convert official-dydit`, its schedule written by `dydit-export RUN --steps N DIR`): static is the
+stock diffusers class over the run's weights, masked the run's dynamic model, fast `apply_schedule` of
+it; the time keys and token shape are the schedule's (`infer_run`). The FLOPs ratios are measured as
+above, so a run with token routers shows their savings on the random inputs too; the schedule's own
+(width-only) ratio is reported beside them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import nn
 
 from dydit_scale.bench.goals import Goal, goal_checks
 from dydit_scale.bench.infer_models import PRESETS, at_resolution, build_paths
+from dydit_scale.bench.infer_run import build_run_paths
 from dydit_scale.console import quiet_third_party
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.infer.keys import sampler_time_keys
@@ -32,15 +40,27 @@ from dydit_scale.models.build import attention_problem
 __all__ = ["PRESETS", "add_arguments", "run"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_PRESET = "dit-b"
+#: --run: alternating timed passes per path unless --repeats says otherwise
+RUN_REPEATS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=PRESETS, default="dit-b",
-                        help="; ".join(f"{name}: {preset.help}" for name, preset in PRESETS.items()))
+    parser.add_argument("--preset", choices=PRESETS,
+                        help=f"default {DEFAULT_PRESET}; "
+                             + "; ".join(f"{name}: {preset.help}" for name, preset in PRESETS.items()))
+    parser.add_argument("--run", help="time a trained run instead of a preset: a run folder (its newest complete "
+                                      "checkpoint) or a step folder, e.g. from `dydit-convert official-dydit`; "
+                                      "needs --schedule")
+    parser.add_argument("--schedule", metavar="DIR", help="with --run: a folder written by `dydit-export RUN`; its time keys and "
+                                           "token shape are the ones timed")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--steps", type=int, help="sampler steps (time keys) per timed pass; default per preset")
-    parser.add_argument("--batch", type=int, help="batch size (2 = one prompt with CFG); default per preset")
-    parser.add_argument("--repeats", type=int, help="alternating timed passes per path; default per preset")
+    parser.add_argument("--steps", type=int, help="sampler steps (time keys) per timed pass; default per preset; "
+                                                  "--run: all of the schedule's, or this many of them evenly spread")
+    parser.add_argument("--batch", type=int, help="batch size (2 = one prompt with CFG); default per preset; "
+                                                  "--run: 2 for dit, else 1")
+    parser.add_argument("--repeats", type=int, help=f"alternating timed passes per path; default per preset; "
+                                                    f"--run: {RUN_REPEATS}")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (CPU runs only)")
@@ -67,8 +87,16 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("steps", "batch", "repeats", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    if args.run or args.schedule:
+        if not (args.run and args.schedule):
+            raise SystemExit("--run and --schedule go together: the run's model and the schedule dydit-export "
+                             "wrote for it")
+        for flag in ("preset", "resolution"):
+            if getattr(args, flag) is not None:
+                raise SystemExit(f"--run: times the run's own model at the schedule's token shape; drop --{flag}")
+        return
     try:
-        at_resolution(args.preset, args.resolution)
+        at_resolution(args.preset or DEFAULT_PRESET, args.resolution)
     except ValueError as err:
         raise SystemExit(str(err)) from None
 
@@ -113,10 +141,30 @@ def _per_step(rounds: list[list[float]], pick: Callable[[list[float]], float]) -
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """The flags with the preset's defaults filled in for the unset steps, batch and repeats."""
-    preset = PRESETS[args.preset]
-    unset = {key: value for key, value in preset.defaults.items() if getattr(args, key) is None}
-    return argparse.Namespace(**vars(args) | unset)
+    """The flags with the preset's defaults filled in for the unset steps, batch and repeats (--run: the
+    repeats; steps and batch follow the schedule and the family)."""
+    if args.run:
+        return argparse.Namespace(**vars(args) | {"repeats": args.repeats or RUN_REPEATS})
+    name = args.preset or DEFAULT_PRESET
+    unset = {key: value for key, value in PRESETS[name].defaults.items() if getattr(args, key) is None}
+    return argparse.Namespace(**vars(args) | unset | {"preset": name})
+
+
+def _setup(args: argparse.Namespace, device: torch.device,
+           dtype: torch.dtype) -> tuple[dict[str, nn.Module], list[dict[str, Any]], dict[str, Any]]:
+    """(paths, inputs of each step, what the report says about them) of the preset or of --run."""
+    if args.run:
+        try:
+            bench = build_run_paths(args.run, args.schedule, steps=args.steps, batch=args.batch, seed=args.seed,
+                                    device=device, dtype=dtype, attention=args.attention)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(str(err)) from None
+        return bench.paths, bench.steps, dict(run=args.run, schedule=args.schedule) | bench.facts
+    preset = at_resolution(args.preset, args.resolution)
+    keys = sampler_time_keys(preset.family, steps=args.steps, resolution=preset.resolution, dtype=dtype).values
+    paths, steps = build_paths(preset, keys, args.batch, args.seed, device, dtype, args.attention)
+    return paths, steps, dict(preset=args.preset, family=preset.family, tokens=preset.tokens,
+                              resolution=list(preset.resolution), steps=args.steps, batch=args.batch)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,9 +172,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     args = resolve(args)
     torch.set_num_threads(args.threads)
-    preset, device, dtype = at_resolution(args.preset, args.resolution), torch.device(args.device), DTYPES[args.dtype]
-    keys = sampler_time_keys(preset.family, steps=args.steps, resolution=preset.resolution, dtype=dtype).values
-    paths, steps = build_paths(preset, keys, args.batch, args.seed, device, dtype, args.attention)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    paths, steps, facts = _setup(args, device, dtype)
     ratios: dict[str, list[float]] = {"masked": [], "fast": []}
     outputs = {name: _warm_up(model, steps, ratios.get(name)) for name, model in paths.items()}
     times = _timed_rounds(paths, steps, args.repeats, args.clock, device)
@@ -140,9 +187,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                          speedup=speedup, efficiency=speedup * ratio,
                          efficiency_median=median["static"] / median[name] * ratio))
     diff = (outputs["fast"].float() - outputs["masked"].float()).abs().max()
-    return dict(rows=rows, preset=args.preset, family=preset.family, tokens=preset.tokens,
-                resolution=list(preset.resolution), steps=args.steps,
-                batch=args.batch, repeats=args.repeats, threads=args.threads, clock=args.clock, device=args.device,
+    return dict(rows=rows, **facts, repeats=args.repeats, threads=args.threads, clock=args.clock, device=args.device,
                 dtype=args.dtype, attention=args.attention, max_abs_diff_fast_vs_masked=float(diff),
                 goal_checks=goal_checks({"fast_efficiency": efficiency_goal(rows)}))
 
@@ -158,7 +203,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"preset {result['preset']} ({PRESETS[result['preset']].help})")
+    if "run" in result:
+        print(f"run {result['run']} ({result['family']}, {result['checkpoint']})")
+        print(f"schedule {result['schedule']}: {result['steps']} of its {result['schedule_steps']} steps, "
+              f"FLOPs ratio {result['schedule_flops_ratio']:.3f} (width only)")
+    else:
+        print(f"preset {result['preset']} ({PRESETS[result['preset']].help})")
     print(f"tokens: {result['tokens']}")
     print(f"batch {result['batch']}, {result['steps']} steps, best of {result['repeats']} rounds per step, "
           f"{result['device']} {result['dtype']} {result['attention']}, {result['threads']} threads, "

@@ -27,7 +27,8 @@ from dydit_scale.models.build import set_attention_backend
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.registry import get_family, get_replica
 
-__all__ = ["PRESETS", "Preset", "at_resolution", "build_paths", "cast", "model_inputs", "step_inputs", "to_device"]
+__all__ = ["PRESETS", "Preset", "at_resolution", "build_paths", "cast", "model_inputs", "share_stock_weights",
+           "step_inputs", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ class Preset:
 
 
 def _released(replica: str, dynamic: dict[str, Any], text_tokens: int, tokens: str, note: str,
-              **kwargs: Any) -> Preset:
-    """One block per stack of `replica` at its released width, with SDT on."""
+              layers: int | None = 1, batch: int = 1, **kwargs: Any) -> Preset:
+    """`layers` blocks per stack (None: the released depth) of `replica` at its released width, with SDT on."""
     family, record = get_replica(replica)
-    return Preset(family.name, record.transformer_config(1), dynamic | dict(tokens=True), text_tokens, tokens,
-                  f"{record.source} width, {note}; {tokens}; batch 1 by default",
-                  defaults=dict(steps=2, batch=1, repeats=3), resizable=True, **kwargs)
+    return Preset(family.name, record.transformer_config(layers), dynamic | dict(tokens=True), text_tokens, tokens,
+                  f"{record.source} width, {note}; {tokens}; batch {batch} by default",
+                  defaults=dict(steps=2, batch=batch, repeats=3), resizable=True, **kwargs)
 
 
 _DIT_B = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
@@ -84,6 +85,9 @@ PRESETS: dict[str, Preset] = {
                          "256² × 16 frames: 16 × 256 image + 120 text tokens",
                          "1 spatial + 1 temporal block, dynamic cross-attention", latent_hw=(32, 32),
                          resolution=(256, 256), token_keep=0.85),
+    "dit-xl": _released("dit-xl-2-256", {}, 0, "256²: 256 image tokens",
+                        "all 28 blocks; batch 2 is one image under classifier-free guidance, as DiTPipeline runs it",
+                        layers=None, batch=2, resolution=(256, 256), token_keep=0.85),
 }
 
 
@@ -100,8 +104,9 @@ def at_resolution(name: str, resolution: int | None) -> Preset:
     if resolution < 16 or resolution % 16:
         raise ValueError(f"--resolution: expected a positive multiple of 16 pixels, got {resolution}")
     image, frames = (resolution // 16) ** 2, preset.config.get("video_length")
-    tokens = (f"{resolution}² × {frames} frames: {frames} × {image} image + {preset.text_tokens} text tokens"
-              if frames else f"{resolution}²: {image} image + {preset.text_tokens} text tokens")
+    text = f" + {preset.text_tokens} text" if preset.text_tokens else ""
+    tokens = (f"{resolution}² × {frames} frames: {frames} × {image} image{text} tokens"
+              if frames else f"{resolution}²: {image} image{text} tokens")
     return replace(preset, latent_hw=(resolution // 8, resolution // 8), resolution=(resolution, resolution),
                    tokens=tokens)
 
@@ -146,13 +151,17 @@ def _calibrate_tokens(model: nn.Module, inputs: dict[str, Any], keep: float) -> 
         layer.bias.fill_(-float(torch.quantile(scores[layer], 1 - keep)))
 
 
-def _share_weights(stock: nn.Module, dynamic: nn.Module) -> None:
-    """Point every parameter and buffer of `stock` at the dynamic model's tensor of the same name (the
-    dynamic blocks keep the stock names; their permuted weights compute the same function)."""
+def share_stock_weights(stock: nn.Module, dynamic: nn.Module) -> None:
+    """Point every parameter and buffer of `stock` at the dynamic model's tensor of the same name, or of
+    its peft-wrapped `base_layer` (a LoRA run: the stock cost, as if merged)."""
     tensors = dict(dynamic.named_parameters()) | dict(dynamic.named_buffers())
     for name, _ in [*stock.named_parameters(), *stock.named_buffers()]:
         owner, _, attr = name.rpartition(".")
-        setattr(stock.get_submodule(owner), attr, tensors[name])
+        wrapped = f"{owner}.base_layer.{attr}" if owner else f"base_layer.{attr}"
+        tensor = tensors.get(name, tensors.get(wrapped))
+        if tensor is None:
+            raise ValueError(f"--run: the dynamic model has no tensor for the stock model's {name}")
+        setattr(stock.get_submodule(owner), attr, tensor)
 
 
 def cast(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -196,7 +205,7 @@ def build_paths(preset: Preset, keys: torch.Tensor, batch: int, seed: int, devic
     _init_routers(dynamic, seed)
     with torch.device("meta"):
         stock = cls(**preset.config).eval()
-    _share_weights(stock, dynamic)
+    share_stock_weights(stock, dynamic)
     if attention != "sdpa":  # the stock processors and the masked blocks run SDPA already
         for model in (stock, dynamic):
             set_attention_backend(model, attention)

@@ -2,21 +2,26 @@
 
 A shard is a plain tar written by `webdataset.ShardWriter`. A sample is the group of members that
 share a key (`{key}.{ext}`); keys never contain dots because webdataset splits the name at the first
-dot. Three sample kinds:
+dot. Sample kinds:
 
 - image-text:  `{key}.jpg|png|webp` + `{key}.txt` (+ optional `{key}.json` metadata)
+- image-class: `{key}.jpg|png|webp` + `{key}.cls` (ImageNet style: the ASCII class index >= 0, e.g.
+  `207`), optional `{key}.txt` (kept as the caption, e.g. the class name) and `{key}.json`
 - video-text:  `{key}.mp4` + `{key}.txt` (+ optional `{key}.json`)
 - pre-encoded: `{key}.latent.npy` (VAE posterior mean, unscaled) + `{key}.text.npy` ([L, D] text
   embeddings), optional `{key}.pooled.npy` ([D']) and `{key}.text_mask.npy` ([L] bool), optional
-  `{key}.txt`. Arrays are read with `allow_pickle=False`: nothing is ever unpickled.
+  `{key}.txt`; or, class-conditional, `{key}.latent.npy` + `{key}.cls` without text embeddings.
+  Arrays are read with `allow_pickle=False`: nothing is ever unpickled.
 
 Each shard folder holds `sizes.json` (`{"shard-000000.tar": n, ...}`, open_clip-compatible) so that
-loaders know sample counts without reading the tars. The readers below are the *acceptance test* of a
-sample: the loader and `dydit-data validate` call the same functions, so a shard that validates
-clean never produces a skip in training.
+loaders know sample counts without reading the tars; class-conditional folders also hold
+`classes.json` (`{"0": "tench", ...}`, the `id2label` of diffusers' `DiTPipeline`). The readers
+below are the *acceptance test* of a sample: the loader and `dydit-data validate` call the same
+functions, so a shard that validates clean never produces a skip in training.
 
 The loader yields one batch type per sample kind (`ImageBatch`, `VideoBatch`, `LatentBatch`, together
-`Batch`); `batch_kind` tells which one a batch is, and the trainer dispatches on it.
+`Batch`); `batch_kind` tells which one a batch is, and the trainer dispatches on it. Batches of
+`.cls` samples also carry `labels` (int64 [B]); class and caption samples never share a batch.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import os
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Final, Literal, NotRequired, TypedDict, Union
 
 import numpy as np
 
@@ -39,23 +44,26 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
-    "IMAGE_EXTS", "VIDEO_EXTS", "CAPTION_EXT", "META_EXT", "LATENT_EXT", "TEXT_EMB_EXT",
-    "POOLED_EXT", "TEXT_MASK_EXT", "SIZES_FILE", "SKIP_REASONS", "SkipReason", "DataFormatError",
+    "IMAGE_EXTS", "VIDEO_EXTS", "CAPTION_EXT", "CLASS_EXT", "META_EXT", "LATENT_EXT", "TEXT_EMB_EXT",
+    "POOLED_EXT", "TEXT_MASK_EXT", "SIZES_FILE", "CLASSES_FILE", "SKIP_REASONS", "SkipReason", "DataFormatError",
     "ImageBatch", "VideoBatch", "LatentBatch", "Batch", "BatchKind", "BATCH_MEDIA", "batch_kind",
-    "expand_shard_spec", "read_sizes", "write_sizes",
-    "shard_sizes", "sample_kind", "media_bytes", "read_caption", "read_meta", "read_image", "open_video",
+    "expand_shard_spec", "read_sizes", "write_sizes", "read_classes", "write_classes",
+    "shard_sizes", "sample_kind", "media_bytes", "read_caption", "read_class", "read_condition",
+    "check_latent_members", "read_meta", "read_image", "open_video",
     "check_size", "read_array", "shard_pattern",
 ]
 
 IMAGE_EXTS: Final = ("jpg", "png", "webp", "jpeg")
 VIDEO_EXTS: Final = ("mp4",)
 CAPTION_EXT: Final = "txt"
+CLASS_EXT: Final = "cls"
 META_EXT: Final = "json"
 LATENT_EXT: Final = "latent.npy"
 TEXT_EMB_EXT: Final = "text.npy"
 POOLED_EXT: Final = "pooled.npy"
 TEXT_MASK_EXT: Final = "text_mask.npy"
 SIZES_FILE: Final = "sizes.json"
+CLASSES_FILE: Final = "classes.json"
 
 SkipReason = Literal[
     "corrupt_tar", "decode_error", "missing_caption", "missing_media", "too_small", "video_too_short"
@@ -75,10 +83,11 @@ class DataFormatError(ValueError):
 
 
 class ImageBatch(TypedDict):
-    """A batch of image-text samples; every image is resized and cropped to one bucket."""
+    """A batch of image-text or image-class samples; every image is resized and cropped to one bucket."""
 
     pixels: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1]
-    captions: list[str]
+    labels: NotRequired[torch.Tensor]  # [B] int64 class indices, only in batches of .cls samples
+    captions: list[str]  # the .txt of each sample ("" for a .cls sample without one)
     keys: list[str]  # "{shard file name}/{sample key}", unique across shards
     meta: list[dict[str, Any]]  # the optional .json of each sample ({} when absent)
     skipped: dict[str, int]  # skip-count delta since this worker's previous batch, by reason
@@ -98,8 +107,9 @@ class LatentBatch(TypedDict, total=False):
     """A batch of pre-encoded samples (`dydit-data encode`); the VAE and text encoders are skipped."""
 
     latents: torch.Tensor  # [B, C, h, w] or [B, C, F, h, w], unscaled posterior mean
-    text_embeds: torch.Tensor  # [B, L, D]
+    text_embeds: torch.Tensor  # [B, L, D]; absent in class-conditional batches without .text.npy
     pooled_embeds: torch.Tensor  # [B, D'] when the shards have .pooled.npy
+    labels: torch.Tensor  # [B] int64 class indices when the shards have .cls (text_embeds then optional)
     text_mask: torch.Tensor  # [B, L] bool when the shards have .text_mask.npy
     captions: list[str]
     keys: list[str]
@@ -180,6 +190,26 @@ def write_sizes(folder: str | Path, sizes: dict[str, int]) -> None:
     atomic_write_json(Path(folder) / SIZES_FILE, merged)
 
 
+def write_classes(folder: str | Path, names: list[str] | dict[int, str]) -> None:
+    """Write `folder`/classes.json as `{"0": name, ...}` (atomically): the id2label a DiT pipeline takes."""
+    by_index = dict(enumerate(names)) if isinstance(names, list) else names
+    atomic_write_json(Path(folder) / CLASSES_FILE, {str(i): name for i, name in sorted(by_index.items())})
+
+
+def read_classes(folder: str | Path) -> dict[int, str]:
+    """The class names of `folder`/classes.json by index ({} when there is none)."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError(f"got {raw!r:.80}")
+        return {int(k): v for k, v in raw.items()}
+    except (json.JSONDecodeError, ValueError) as exn:
+        raise DataFormatError(f"{path}: expected JSON {{\"class index\": \"name\"}}, {exn}") from exn
+
+
 def shard_sizes(paths: list[str]) -> list[int | None]:
     """Sample count of each shard from the sizes.json beside it (None where it is not listed)."""
     cache: dict[str, dict[str, int]] = {}
@@ -234,6 +264,46 @@ def read_caption(sample: dict[str, Any], *, required: bool = True) -> str:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError as exn:
         raise DataFormatError(f"{sample.get('__key__')}: caption is not UTF-8", reason="decode_error") from exn
+
+
+def read_class(sample: dict[str, Any]) -> int | None:
+    """The class index of a `.cls` member (ASCII integer >= 0), None when the sample has none.
+
+    Anything else (a sign, a fraction, a name, non-ASCII bytes) is a `decode_error`: a wrong label
+    would silently train the wrong class.
+    """
+    raw = sample.get(CLASS_EXT)
+    if raw is None:
+        return None
+    text = raw.strip() if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace").strip()
+    if not text.isdigit():  # bytes.isdigit: ASCII 0-9 only, so no sign, no fraction, no name
+        raise DataFormatError(f"{sample.get('__key__')}: .{CLASS_EXT} must be a class index >= 0 in ASCII, "
+                              f"got {text[:20]!r}", reason="decode_error")
+    return int(text)
+
+
+def read_condition(sample: dict[str, Any], *, caption_required: bool = True) -> tuple[str, int | None]:
+    """(caption, class index or None): a `.cls` sample needs no caption; its `.txt` is kept if present.
+
+    A sample with neither a caption nor a class label is `missing_caption` when one is required.
+    """
+    label = read_class(sample)
+    if label is not None or not caption_required:
+        return read_caption(sample, required=False), label
+    if not (sample.get(CAPTION_EXT) or b"").strip():
+        raise DataFormatError(f"{sample.get('__key__')}: no caption (.{CAPTION_EXT}) or class label "
+                              f"(.{CLASS_EXT})", reason="missing_caption")
+    return read_caption(sample), None
+
+
+def check_latent_members(sample: dict[str, Any]) -> None:
+    """A pre-encoded sample needs `.latent.npy`, and `.text.npy` unless it is class-conditional (`.cls`)."""
+    if LATENT_EXT not in sample:
+        raise DataFormatError(f"{sample.get('__key__')}: pre-encoded sample needs .{LATENT_EXT}",
+                              reason="missing_media")
+    if TEXT_EMB_EXT not in sample and CLASS_EXT not in sample:
+        raise DataFormatError(f"{sample.get('__key__')}: pre-encoded sample needs .{TEXT_EMB_EXT} "
+                              f"(or .{CLASS_EXT} for a class-conditional one)", reason="missing_media")
 
 
 def read_meta(sample: dict[str, Any]) -> dict[str, Any]:

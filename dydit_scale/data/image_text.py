@@ -1,8 +1,10 @@
-"""Image-text and pre-encoded samples → fixed-size tensors, grouped by aspect-ratio bucket.
+"""Image-text, image-class and pre-encoded samples → fixed-size tensors, grouped by bucket.
 
 Aspect-ratio buckets (SDXL/PixArt style) keep about resolution² pixels with sides that are multiples
 of 16 (VAE ×8, patch ×2), so a portrait photo is not squashed into a square and every batch is
-rectangular: the loader only batches samples of the same bucket.
+rectangular: the loader only batches samples of the same bucket. Whether a sample has a class label
+(`.cls`) is part of its bucket, so a batch is either all class-conditional (it carries `labels`) or
+all captioned, never a mix.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import numpy as np
 import torch
 
 from dydit_scale.data.format import (
-    IMAGE_EXTS, LATENT_EXT, POOLED_EXT, TEXT_EMB_EXT, TEXT_MASK_EXT, DataFormatError, media_bytes,
-    read_array, read_caption, read_image, read_meta,
+    IMAGE_EXTS, LATENT_EXT, POOLED_EXT, TEXT_EMB_EXT, TEXT_MASK_EXT, check_latent_members,
+    media_bytes, read_array, read_condition, read_image, read_meta,
 )
 
 __all__ = ["Item", "aspect_buckets", "nearest_bucket", "cover_size", "resize_crop", "transform_image",
@@ -27,13 +29,17 @@ SIDE_STEP = 16
 
 @dataclass
 class Item:
-    """One decoded sample waiting in its bucket; `data` holds uint8 pixels or float arrays."""
+    """One decoded sample waiting in its bucket; `data` holds uint8 pixels or float arrays.
+
+    `label` is the `.cls` class index (None for captioned samples); it is part of `bucket`.
+    """
 
     key: str
     caption: str
     meta: dict[str, Any]
     bucket: tuple
     data: dict[str, torch.Tensor]
+    label: int | None = None
 
 
 def aspect_buckets(resolution: int, *, max_ratio: float = 2.0, enabled: bool = True) -> tuple[tuple[int, int], ...]:
@@ -80,8 +86,8 @@ def resize_crop(img: Any, target_hw: tuple[int, int]) -> torch.Tensor:
 def transform_image(
     sample: dict[str, Any], *, buckets: tuple[tuple[int, int], ...], min_side: int
 ) -> Item:
-    """Caption check, decode, bucket choice, resize + crop. Raises DataFormatError(reason) if bad."""
-    caption = read_caption(sample)
+    """Caption/label check, decode, bucket choice, resize + crop. Raises DataFormatError(reason) if bad."""
+    caption, label = read_condition(sample)
     data = media_bytes(sample, IMAGE_EXTS)
     chosen: list[tuple[int, int]] = []
 
@@ -92,24 +98,23 @@ def transform_image(
     img = read_image(data, min_side=min_side, draft_to=draft_to)
     bucket = chosen[-1] if chosen else nearest_bucket(img.width, img.height, buckets)
     pixels = resize_crop(img, bucket)
-    return Item(sample_id(sample), caption, read_meta(sample), ("image", *bucket), {"pixels": pixels})
+    bucket_key = ("image", label is not None, *bucket)
+    return Item(sample_id(sample), caption, read_meta(sample), bucket_key, {"pixels": pixels}, label)
 
 
 def transform_latent(sample: dict[str, Any]) -> Item:
-    """Read the .npy members of a pre-encoded sample; the bucket is the set of array shapes."""
-    if LATENT_EXT not in sample or TEXT_EMB_EXT not in sample:
-        raise DataFormatError(f"{sample.get('__key__')}: pre-encoded sample needs .{LATENT_EXT} and "
-                              f".{TEXT_EMB_EXT}", reason="missing_media")
-    data = {
-        "latents": torch.from_numpy(read_array(sample[LATENT_EXT], what=LATENT_EXT).astype(np.float32)),
-        "text_embeds": torch.from_numpy(read_array(sample[TEXT_EMB_EXT], what=TEXT_EMB_EXT).astype(np.float32)),
-    }
+    """Read the .npy members of a pre-encoded sample; the bucket is the set of array shapes (+ label presence)."""
+    check_latent_members(sample)
+    caption, label = read_condition(sample, caption_required=False)
+    data = {"latents": torch.from_numpy(read_array(sample[LATENT_EXT], what=LATENT_EXT).astype(np.float32))}
+    if TEXT_EMB_EXT in sample:
+        data["text_embeds"] = torch.from_numpy(read_array(sample[TEXT_EMB_EXT], what=TEXT_EMB_EXT).astype(np.float32))
     if POOLED_EXT in sample:
         data["pooled_embeds"] = torch.from_numpy(read_array(sample[POOLED_EXT], what=POOLED_EXT).astype(np.float32))
     if TEXT_MASK_EXT in sample:
         data["text_mask"] = torch.from_numpy(read_array(sample[TEXT_MASK_EXT], what=TEXT_MASK_EXT).astype(bool))
-    bucket = ("latent", *((name, tuple(t.shape)) for name, t in sorted(data.items())))
-    return Item(sample_id(sample), read_caption(sample, required=False), read_meta(sample), bucket, data)
+    bucket = ("latent", label is not None, *((name, tuple(t.shape)) for name, t in sorted(data.items())))
+    return Item(sample_id(sample), caption, read_meta(sample), bucket, data, label)
 
 
 def sample_id(sample: dict[str, Any]) -> str:
@@ -119,13 +124,19 @@ def sample_id(sample: dict[str, Any]) -> str:
 
 
 def collate(items: list[Item]) -> dict[str, Any]:
-    """Stack one bucket's items; uint8 pixels/frames become float32 in [-1, 1]."""
+    """Stack one bucket's items; uint8 pixels/frames become float32 in [-1, 1]; labels become int64 [B]."""
     batch: dict[str, Any] = {}
     for name in items[0].data:
         stacked = torch.stack([item.data[name] for item in items])
         if stacked.dtype == torch.uint8:
             stacked = stacked.float().div_(127.5).sub_(1.0)
         batch[name] = stacked
+    labelled = [item.label is not None for item in items]
+    if any(labelled):
+        if not all(labelled):
+            raise ValueError(f"collate: {labelled.count(False)} of {len(items)} items have no class label; "
+                             "class and caption samples must be in different buckets")
+        batch["labels"] = torch.tensor([item.label for item in items], dtype=torch.long)
     batch["captions"] = [item.caption for item in items]
     batch["keys"] = [item.key for item in items]
     batch["meta"] = [item.meta for item in items]

@@ -6,7 +6,7 @@ batches. Planning lives in `shards.py`, the per-worker stream in `stream.py`.
 
 Iterating a `ShardLoader` yields the rest of the current epoch, exactly `len(loader)` batches per
 epoch on every rank, then moves to the next epoch. Batches are `format.ImageBatch`, `VideoBatch` or
-`LatentBatch` dicts. DataLoader workers serve batches round-robin; batch b of an epoch comes from
+`LatentBatch` dicts; batches of class-conditional (`.cls`) samples also carry `labels`, int64 [B]. DataLoader workers serve batches round-robin; batch b of an epoch comes from
 logical worker b % workers. After a resume at batch b, DataLoader worker k plays logical worker
 (k + b) % workers, so the round-robin continues where it stopped.
 """

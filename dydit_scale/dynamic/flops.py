@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: The block kinds :func:`block_macs` knows; a layer table's ``kind`` is one of them.
-BLOCK_KINDS = ("flux_double", "flux_single", "pixart", "latte_spatial", "latte_temporal")
+BLOCK_KINDS = ("flux_double", "flux_single", "dit", "pixart", "latte_spatial", "latte_temporal")
 #: Roles whose mask counts active heads; the other roles (mlp, text_mlp) count kept group fractions.
 HEAD_ROLES = ("heads", "cross_heads")
 
@@ -259,7 +259,7 @@ def block_macs(
         return latte_temporal_block_macs(frames=frames, tokens_per_frame=image_tokens, **common)
     context = dict(context_tokens=text_tokens if cross_heads else 0, cross_heads=active.get("cross_heads"),
                    context_width=context_width)
-    if kind == "pixart":
+    if kind in ("dit", "pixart"):  # a DiT block is a PixArt-α block without cross-attention
         return pixart_block_macs(tokens=image_tokens, **context, **common)
     if kind == "latte_spatial":
         return latte_spatial_block_macs(frames=frames, tokens_per_frame=image_tokens, **context, **common)

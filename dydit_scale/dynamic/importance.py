@@ -64,8 +64,11 @@ def unit_scores(parts: list[UnitSlice], units: int, norm: Literal["l1", "l2"] = 
     return scores
 
 
-def rank_units(parts: list[UnitSlice], units: int, norm: Literal["l1", "l2"] = "l1") -> torch.Tensor:
-    """Permutation [units] sorting units by descending score (stable for ties)."""
+def rank_units(parts: list[UnitSlice], units: int, norm: Literal["l1", "l2", "none"] = "l1") -> torch.Tensor:
+    """Permutation [units] sorting units by descending score (stable for ties); "none" keeps the
+    order as loaded, for weights already ranked (the released DyDiT checkpoints)."""
+    if norm == "none":
+        return torch.arange(units)
     return torch.argsort(unit_scores(parts, units, norm), descending=True, stable=True)
 
 
@@ -99,7 +102,7 @@ class PermutedSpan:
     perm: torch.Tensor
 
 
-def permute_block(block: nn.Module, units: dict[str, tuple[list[UnitSlice], int]], norm: Literal["l1", "l2"],
+def permute_block(block: nn.Module, units: dict[str, tuple[list[UnitSlice], int]], norm: Literal["l1", "l2", "none"],
                   where: str) -> tuple[dict[str, torch.Tensor], list[PermutedSpan]]:
     """Rank and permute each named unit kind of `block` (at module path `where`): {kind: (parts, count)}.
 

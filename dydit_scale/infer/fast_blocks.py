@@ -7,13 +7,16 @@ sliced weights, `_unit_mask` with nothing (the weights are already sliced), `_at
 backend, `_routed_update` with a gather / scatter of the kept tokens. The TDW masks come from the
 schedule (set as the routers' `decision`, so `flops_ratio` keeps working), the token routers run
 live. Sliced weights are cached per unique mask combination of the block (per step when TD-LoRA must
-be merged at this step's π), or in low-memory mode made in each block's forward and dropped at its
-end.
+be merged at this step's π), least recently used first out once the cache would hold more than one
+extra copy of the block's weights (a schedule whose every step is a new mask would otherwise keep a
+copy per step: 24 GB for DiT-XL/2 at 50 steps), or in low-memory mode made in each block's forward
+and dropped at its end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +50,10 @@ class FastState:
         self.mask_ids = {name: self.schedule.unique_masks(name)[1].tolist() for name in self.schedule.masks}
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class _FastBlock:
     """Step selection, the sliced-weight cache and the sliced ops shared by the fast blocks (mixed in
     before a dynamic block class)."""
@@ -62,7 +69,9 @@ class _FastBlock:
         self._roles = self.layer_entry(name).routers
         self._plan = self.slice_plan()
         self._merge_per_step = any(isinstance(self.get_submodule(path), TDLoRALinear) for path in self._plan)
-        self._cache: dict[Any, dict[str, Sliced]] = {}
+        self._cache: OrderedDict[Any, dict[str, Sliced]] = OrderedDict()
+        self._cache_bytes: dict[Any, int] = {}
+        self._cache_budget = sum(_nbytes(self.get_submodule(path).parameters()) for path in self._plan)
         self._step: tuple[Any, dict[str, torch.Tensor]] | None = None
 
     def slice_plan(self) -> SlicePlan:
@@ -76,7 +85,7 @@ class _FastBlock:
         if self._merge_per_step:
             key = (step, key)
             if key not in self._cache:
-                self._cache.clear()
+                self._drop_cache()
         self._step = (key, masks)
 
     def _weights(self) -> dict[str, Sliced]:
@@ -86,8 +95,20 @@ class _FastBlock:
             with torch.no_grad():
                 found = {path: slice_linear(self.get_submodule(path), dim, self._index(parts, masks))
                          for path, (dim, parts) in self._plan.items()}
-            self._cache[key] = found
+            self._cache[key], self._cache_bytes[key] = found, self._copied_bytes(found)
+            while len(self._cache) > 1 and sum(self._cache_bytes.values()) > self._cache_budget:
+                del self._cache_bytes[self._cache.popitem(last=False)[0]]
+        self._cache.move_to_end(key)
         return found
+
+    def _drop_cache(self) -> None:
+        self._cache.clear()
+        self._cache_bytes.clear()
+
+    def _copied_bytes(self, weights: dict[str, Sliced]) -> int:
+        """Bytes a cache entry holds beyond the modules' own parameters (an unsliced weight is shared)."""
+        own = {p.data_ptr() for path in weights for p in self.get_submodule(path).parameters()}
+        return _nbytes(t for pair in weights.values() for t in pair if t is not None and t.data_ptr() not in own)
 
     @staticmethod
     def _index(parts: list[tuple[str, int, int, int]], masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -132,7 +153,7 @@ class _FastBlock:
             ran = self._token_map(token_mask, batch, shape)
             log[-1] = ran if log[-1] is None else log[-1] + ran
         if self._fast.low_memory:
-            self._cache.clear()
+            self._drop_cache()
 
     def _token_map(self, token_mask: torch.Tensor | None, batch: int, shape: TokenShape) -> torch.Tensor:
         """Which image tokens ran the MLP, [B, F·N] in frame-then-position order (sample-major rows)."""

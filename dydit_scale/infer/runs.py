@@ -6,7 +6,9 @@ permutes deterministically → adapters), then the step's weights are loaded:
   `td_lora.safetensors` or `pytorch_lora_weights.safetensors`;
 * full fine-tuning: a state dict consolidated from the DeepSpeed ZeRO files by the caller's
   `consolidate(step_folder)` (the CLI passes DeepSpeed's own `zero_to_fp32`; this layer never
-  imports DeepSpeed).
+  imports DeepSpeed);
+* a routers-only step (its marker says `"weights": "routers"`, as `dydit-convert official-dydit`
+  writes for released DyDiT checkpoints): `model.path` unchanged plus `routers.safetensors`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from dydit_scale.lora import load_lora_diffusers, load_td_lora
 from dydit_scale.lora.td_lora import TDLoRALinear
 from dydit_scale.models.build import build_dynamic_transformer
 
-__all__ = ["TD_LORA_NOT_MERGEABLE", "LoadedRun", "load_run", "resolve_checkpoint", "run_recipe", "save_transformer",
-           "stock_class"]
+__all__ = ["ROUTERS_ONLY", "TD_LORA_NOT_MERGEABLE", "WEIGHTS_FIELD", "LoadedRun", "load_run", "resolve_checkpoint",
+           "run_recipe", "save_transformer", "stock_class"]
 
 MARKER = "dydit_state.json"
 ROUTERS_FILE = "routers.safetensors"
 TD_LORA_FILE = "td_lora.safetensors"
+#: marker field saying which weights a step folder holds; absent = what `lora.kind` implies
+WEIGHTS_FIELD = "weights"
+#: ...only the routers: every other weight is `model.path`'s, unchanged
+ROUTERS_ONLY = "routers"
 Consolidate = Callable[[Path], dict[str, torch.Tensor]]
 
 
@@ -77,8 +83,15 @@ def run_recipe(path: str | Path) -> tuple[Recipe, Path]:
 def load_run(path: str | Path, *, consolidate: Consolidate | None = None) -> LoadedRun:
     """The run's dynamic transformer with the step's weights, fp32, eval mode, no gradients."""
     recipe, step_folder = run_recipe(path)
+    marker = json.loads((step_folder / MARKER).read_text())
+    routers_only = marker.get(WEIGHTS_FIELD) == ROUTERS_ONLY
+    if routers_only and recipe.lora.kind != "none":
+        raise ValueError(f"{step_folder / MARKER}: a routers-only step needs lora.kind none in its recipe, "
+                         f"got {recipe.lora.kind!r}")
     model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora)
-    if recipe.lora.kind == "none":
+    if routers_only:
+        _load_routers(model, step_folder / ROUTERS_FILE)
+    elif recipe.lora.kind == "none":
         if consolidate is None:
             raise ValueError(f"{step_folder}: a full fine-tuning checkpoint needs its ZeRO files consolidated "
                              "(pass consolidate=, as dydit-export does)")
@@ -89,7 +102,7 @@ def load_run(path: str | Path, *, consolidate: Consolidate | None = None) -> Loa
             load_td_lora(model, step_folder / TD_LORA_FILE)
         else:
             load_lora_diffusers(model, step_folder)
-    step = int(json.loads((step_folder / MARKER).read_text())["step"])
+    step = int(marker["step"])
     return LoadedRun(model.requires_grad_(False).eval(), recipe, step_folder, step)
 
 

@@ -71,7 +71,7 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
             pipe.set_progress_bar_config(desc=f"sample {done + 1}/{len(seeds) * len(prompts)} (seed {seed})",
                                          leave=False)
             model.dydit_fast.token_log = []
-            result = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+            result = pipe(**family.prompt_arguments(pipe, prompt), generator=torch.Generator().manual_seed(seed), **kwargs)
             outputs.append(family.first_output(result))
             first_log = first_log if first_log is not None else model.dydit_fast.token_log
     model.dydit_fast.token_log = None

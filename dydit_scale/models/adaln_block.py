@@ -1,4 +1,7 @@
-"""Dynamic `BasicTransformerBlock` with `ada_norm_single`, shared by PixArt-α and Latte.
+"""Dynamic `BasicTransformerBlock` with adaLN modulation, shared by DiT/SiT, PixArt-α and Latte.
+
+DiT blocks use `ada_norm_zero` (each block maps its own timestep + class embedding to the six
+modulation vectors), PixArt-α and Latte `ada_norm_single` (one shared embedding, a per-block table).
 
 Order of operations: self-attention with the head mask before W_O → cross-attention (static unless
 `dynamic.cross_attention`, then its own head router) → the DiT-style token router on the residual
@@ -26,13 +29,14 @@ from dydit_scale.models.dynamic_model import check_feed_forward, mlp_groups, mov
 
 __all__ = ["BlockKind", "DyAdaLNTransformerBlock", "check_adaln_block", "head_parts", "permute_adaln_block"]
 
-#: pixart: PixArt-α block; latte_spatial: rows B·F, tokens S; latte_temporal: rows B·S, tokens F.
-BlockKind = Literal["pixart", "latte_spatial", "latte_temporal"]
+#: dit: DiT / SiT block (ada_norm_zero, no cross-attention); pixart: PixArt-α block;
+#: latte_spatial: rows B·F, tokens S; latte_temporal: rows B·S, tokens F.
+BlockKind = Literal["dit", "pixart", "latte_spatial", "latte_temporal"]
 
 
 class DyAdaLNTransformerBlock(DynamicBlock):
-    """Dynamic PixArt-α / Latte block: TDW over self-attention heads (and optionally cross-attention
-    heads) and FFN groups, SDT before the FFN."""
+    """Dynamic DiT / PixArt-α / Latte block: TDW over self-attention heads (and optionally
+    cross-attention heads) and FFN groups, SDT before the FFN."""
 
     def __init__(self, block: BasicTransformerBlock, config: DynamicConfig, kind: BlockKind, where: str):
         super().__init__()
@@ -73,15 +77,21 @@ class DyAdaLNTransformerBlock(DynamicBlock):
         class_labels: torch.LongTensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        # Adapted from diffusers 0.42.1 BasicTransformerBlock.forward, norm_type "ada_norm_single".
+        # Adapted from diffusers 0.42.1 BasicTransformerBlock.forward, norm_type "ada_norm_single" and
+        # "ada_norm_zero" (DiT: the modulation comes from the block's own timestep + class embedding).
         if cross_attention_kwargs:
             unknown = sorted(cross_attention_kwargs)
             raise ValueError(f"dynamic blocks: cross_attention_kwargs {unknown} are not supported")
         batch_size = hidden_states.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)
-        ).chunk(6, dim=1)
-        norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
+        if self.kind == "dit":
+            norm_hidden_states, *modulation = self.norm1(hidden_states, timestep, class_labels,
+                                                         hidden_dtype=hidden_states.dtype)
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = (m[:, None] for m in modulation)
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)
+            ).chunk(6, dim=1)
+            norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
         attn_output = self._attention("attn1", "heads", norm_hidden_states, None, attention_mask)
         hidden_states = gate_msa * attn_output + hidden_states
         if hidden_states.ndim == 4:
@@ -101,7 +111,8 @@ class DyAdaLNTransformerBlock(DynamicBlock):
             hidden_states = attn_output + hidden_states
 
         token_mask = None if self.token_router is None else self.token_router(hidden_states)
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
+        ff_norm = self.norm3 if self.kind == "dit" else self.norm2  # the FFN norm, as diffusers names it
+        norm_hidden_states = ff_norm(hidden_states) * (1 + scale_mlp) + shift_mlp
         hidden_states = self._routed_update(hidden_states, token_mask, gate_mlp, self._mlp, norm_hidden_states)
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.squeeze(1)
@@ -158,8 +169,10 @@ def _check_attention(attn: Attention, where: str) -> None:
 
 def check_adaln_block(block: BasicTransformerBlock, config: DynamicConfig, where: str) -> None:
     """Reject block variants the dynamic forward does not implement, before any weight moves."""
-    if block.norm_type != "ada_norm_single" or block.only_cross_attention or block.pos_embed is not None:
-        raise ValueError(f"make_dynamic: {where} must be an ada_norm_single BasicTransformerBlock (PixArt-α / Latte)")
+    if (block.norm_type not in ("ada_norm_single", "ada_norm_zero") or block.only_cross_attention
+            or block.pos_embed is not None):
+        raise ValueError(f"make_dynamic: {where} must be an ada_norm_single (PixArt-α / Latte) or ada_norm_zero "
+                         f"(DiT) BasicTransformerBlock, got norm_type {block.norm_type!r}")
     if block._chunk_size is not None or hasattr(block, "fuser"):
         raise ValueError(f"make_dynamic: {where} uses chunked feed-forward or GLIGEN; dynamic blocks support neither")
     _check_attention(block.attn1, f"{where}.attn1")

@@ -46,6 +46,8 @@ class Family:
     """What the `timestep` scalar the pipeline passes means, recorded with the time keys."""
     tiny_config: ClassVar[dict[str, Any]]
     """Constructor arguments of a tiny random-init transformer (tests and the CPU demo)."""
+    aspect_buckets: ClassVar[bool] = True
+    """Whether training batches may be non-square aspect-ratio buckets (else centre crops of resolution²)."""
     replicas: ClassVar[dict[str, Replica]] = {}
     """The released pipelines of this family at their real widths (`dydit-data synth --replica`)."""
 
@@ -56,6 +58,10 @@ class Family:
     def timestep_embedding(self, model: nn.Module, timestep: torch.Tensor, batch: int) -> torch.Tensor:
         """The pure timestep embedding e_t [batch, C] the TDW routers read (no text, guidance or size)."""
         raise NotImplementedError
+
+    def configure_loaded(self, model: nn.Module) -> nn.Module:
+        """Settings a loaded transformer's config records but its diffusers class does not apply."""
+        return model
 
     # --- training inputs -------------------------------------------------------------------------
 
@@ -84,6 +90,22 @@ class Family:
                                                 clean_caption=False, max_sequence_length=max_tokens)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
+    def batch_conditioning(self, pipe: Any, batch: dict[str, Any], *, max_tokens: int,
+                           device: torch.device) -> dict[str, torch.Tensor]:
+        """The conditioning of a loader batch (its tensors already on `device`): stored text embeddings
+        of a pre-encoded batch, else the captions through `encode_text`."""
+        if "labels" in batch:
+            raise ValueError(f"data: the {self.name} family is text-conditioned, but the shards hold class "
+                             "labels (.cls); use captioned shards (.txt) or a class-conditional family (dit, sit)")
+        if "latents" not in batch:
+            return self.encode_text(pipe, batch["captions"], max_tokens=max_tokens, device=device)
+        text = {"prompt_embeds": batch["text_embeds"]}
+        if "pooled_embeds" in batch:
+            text["pooled_prompt_embeds"] = batch["pooled_embeds"]
+        if "text_mask" in batch:
+            text["prompt_attention_mask"] = batch["text_mask"].long()
+        return text
+
     def transformer_inputs(self, transformer: nn.Module, noisy: torch.Tensor, timestep: torch.Tensor,
                            text: dict[str, torch.Tensor], *, latent_hw: tuple[int, int],
                            guidance: float) -> dict[str, Any]:
@@ -110,6 +132,10 @@ class Family:
         used as written: the pipelines' caption cleaning needs optional packages and changes prompts."""
         return dict(num_inference_steps=steps, height=height, width=width, guidance_scale=guidance,
                     output_type="np", clean_caption=False)
+
+    def prompt_arguments(self, pipe: Any, prompt: str) -> dict[str, Any]:
+        """The pipeline call's conditioning argument for one validation or sampling prompt."""
+        return {"prompt": prompt}
 
     def first_output(self, result: Any) -> np.ndarray:
         """The first image [H, W, 3] (a video: its frames [F, H, W, 3]) of a pipeline result."""

@@ -84,7 +84,8 @@ def load_transformer(path: str | Path, family: str | None = None, dtype: torch.d
     cls = get_family(detect_family(path, expected=family)).transformer_class
     folder = transformer_folder(path)
     with _named_load_errors(folder):
-        return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return get_family(detect_family(path)).configure_loaded(model)
 
 
 def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None,

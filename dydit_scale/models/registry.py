@@ -21,6 +21,7 @@ FAMILY_MODULES: dict[str, str] = {
     "flux": "dydit_scale.models.flux",
     "pixart": "dydit_scale.models.pixart",
     "latte": "dydit_scale.models.latte",
+    "dit": "dydit_scale.models.dit",
 }
 
 

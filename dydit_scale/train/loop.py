@@ -89,7 +89,7 @@ class Trainer:
         self.model = build_dynamic_transformer(recipe.model, recipe.dynamic, recipe.lora, dtype=self.dtype)
         if recipe.train.activation_checkpointing:
             self.model.enable_gradient_checkpointing()
-        self.loader = build_loader(recipe.data, seed=recipe.run.seed)
+        self.loader = build_loader(recipe.data, seed=recipe.run.seed, buckets=self.family.aspect_buckets)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, recipe)
         self.device = self.engine.device
         self.components = self._frozen_components()
@@ -100,7 +100,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main(), tensorboard=recipe.log.tensorboard,
                                   total_steps=recipe.train.steps, start_step=self.step,
                                   every_steps=recipe.log.every_steps)
-        heldout = (functools.partial(build_loader, recipe.data, seed=recipe.run.seed, split="val")
+        heldout = (functools.partial(build_loader, recipe.data, seed=recipe.run.seed, split="val",
+                                     buckets=self.family.aspect_buckets)
                    if recipe.data.val_shards else None)
         self.validator = Validator(model=self.engine.module, pipe=self.components, family=self.family,
                                    recipe=recipe, run_dir=self.run_dir, metrics=self.metrics, dtype=self.dtype,
@@ -142,25 +143,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ step
     def _latents_and_text(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
-        """Transformer latents, text conditioning and the (unpacked) latent size of `batch`: pre-encoded
-        batches skip the frozen encoders, pixel and video batches go through them."""
+        """Transformer latents, conditioning (text or class labels) and the (unpacked) latent size of
+        `batch`: pre-encoded batches skip the frozen encoders, pixel and video batches go through them."""
         pipe, family = self.components, self.family
         kind = batch_kind(batch)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        cond = family.batch_conditioning(pipe, batch, max_tokens=self.recipe.data.max_text_tokens, device=self.device)
         if kind == "latent":
             raw = batch["latents"]
-            text = {"prompt_embeds": batch["text_embeds"]}
-            if "pooled_embeds" in batch:
-                text["pooled_prompt_embeds"] = batch["pooled_embeds"]
-            if "text_mask" in batch:
-                text["prompt_attention_mask"] = batch["text_mask"].long()
-            return family.scale_latents(pipe.vae.config, raw), text, tuple(raw.shape[-2:])
+            return family.scale_latents(pipe.vae.config, raw), cond, tuple(raw.shape[-2:])
         pixels = batch["video"] if kind == "video" else batch["pixels"]
         latents = family.encode_pixels(pipe.vae, pixels)
-        text = family.encode_text(pipe, batch["captions"], max_tokens=self.recipe.data.max_text_tokens,
-                                  device=latents.device)
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        return latents, text, (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
+        return latents, cond, (pixels.shape[-2] // factor, pixels.shape[-1] // factor)
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                  latent_hw: tuple[int, int], reps: int) -> torch.Tensor:

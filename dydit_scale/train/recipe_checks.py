@@ -3,7 +3,7 @@ call `load_checked_recipe`, so what validation accepts, training accepts.
 
 The schema (`config.load_recipe`) checks what the YAML alone decides. The rules here need more:
 the DeepSpeed keys the recipe derives itself, and, unless `offline`, this machine: the model folder,
-the shards, the attention kernel, and the checkpoint a relaunch would resume. Each problem is one
+the validation prompts, the shards, the attention kernel, and the checkpoint a relaunch would resume. Each problem is one
 line naming the field. Only the attention and resume rules import torch.
 """
 
@@ -34,7 +34,8 @@ def recipe_problems(recipe: Recipe, *, world_size: int = 1, offline: bool = Fals
     if offline:
         return problems
     model = _model_problems(recipe.model)
-    problems += model + _attention_problems(recipe.model.attention) + _data_problems(recipe.data, world_size)
+    problems += model + ([] if model else _prompt_problems(recipe))
+    problems += _attention_problems(recipe.model.attention) + _data_problems(recipe.data, world_size)
     return problems + _resume_problems(recipe, compare_model=not model)
 
 
@@ -48,6 +49,26 @@ def _model_problems(model: ModelConfig) -> list[str]:
     except ModelFolderError as err:
         return [f"model.path: {err}"]
     return []
+
+
+def _prompt_problems(recipe: Recipe) -> list[str]:
+    """The sample grid's prompts must mean something to the family (dit: a class index or a name of
+    the pipeline's `id2label`), so a bad one fails now, not at the first grid hours later."""
+    import json
+    from types import SimpleNamespace
+
+    from dydit_scale.models.registry import get_family
+
+    index = json.loads((Path(recipe.model.path) / "model_index.json").read_text())
+    labels = {name.strip(): int(key) for key, names in (index.get("id2label") or {}).items()
+              for name in names.split(",")}  # as DiTPipeline reads its id2label
+    family, problems = get_family(recipe.model.family), []
+    for prompt in recipe.validation.prompts:
+        try:
+            family.prompt_arguments(SimpleNamespace(labels=labels), prompt)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
 
 
 def _attention_problems(kind: str) -> list[str]:

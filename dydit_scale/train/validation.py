@@ -149,5 +149,7 @@ class Validator:
         kwargs = self.family.pipeline_kwargs(steps=recipe.validation.inference_steps, height=recipe.data.resolution,
                                              width=recipe.data.resolution, guidance=recipe.validation.guidance_scale,
                                              text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames)
-        output = self.family.first_output(self.pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs))
+        conditioning = self.family.prompt_arguments(self.pipe, prompt)
+        output = self.family.first_output(self.pipe(**conditioning, generator=torch.Generator().manual_seed(seed),
+                                                    **kwargs))
         return output[len(output) // 2] if self.family.video else output

@@ -18,7 +18,8 @@ from dydit_scale.train import entry, failure
 from dydit_scale.train.recipe_checks import recipe_problems
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = {"flux": ("FluxPipeline", "FluxTransformer2DModel"), "pixart": ("PixArtAlphaPipeline", "PixArtTransformer2DModel")}
+CLASSES = {"flux": ("FluxPipeline", "FluxTransformer2DModel"), "pixart": ("PixArtAlphaPipeline", "PixArtTransformer2DModel"),
+           "dit": ("DiTPipeline", "DiTTransformer2DModel")}
 
 
 def _pipeline(folder: Path, family: str = "flux", *, components: tuple[str, ...] = ("vae", "scheduler", "text_encoder")) -> Path:
@@ -51,6 +52,7 @@ def setup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _pipeline(tmp_path / "flux")
     _pipeline(tmp_path / "pixart", "pixart")
+    _pipeline(tmp_path / "dit", "dit")
     _shards(tmp_path / "shards")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  path: flux\ndata:\n  shards: shards\n  workers: 1\n  batch_size: 2\n"
@@ -105,6 +107,8 @@ CASES = {
                                 "checkpoint.resume: runs/r/checkpoints/step-0000001 is not a complete checkpoint"),
     "resume-of-another-model": (_other_run, "checkpoint.resume: runs/r/checkpoints/step-0000001 was trained with "
                                             "other settings; changed: base model weights (None -> 'sha256:"),
+    "dit-prompt-not-a-class": (lambda tmp: "model.path=dit",  # with model.family=dit below
+                               "validation.prompts: 'a red circle' is not a class index in 0..999"),
     "weighting-on-ddpm": (lambda tmp: "model.family=pixart",  # with model.path=pixart below
                           "train.timestep_weighting 'logit_normal' applies to flow matching (flux) only"),
 }
@@ -132,6 +136,8 @@ def test_validate_and_train_refuse_the_same_recipe_with_the_same_line(setup, tmp
     overrides = [make(tmp_path)]
     if case == "weighting-on-ddpm":
         overrides += ["model.path=pixart", "train.timestep_weighting=logit_normal"]
+    if case == "dit-prompt-not-a-class":
+        overrides += ["model.family=dit", "validation.prompts=[a red circle]"]
     before = sorted(tmp_path.rglob("*"))
     assert validate([str(setup), *overrides]) == 2
     refused = _lines(capsys.readouterr().err)
@@ -247,7 +253,7 @@ def test_a_refused_relaunch_keeps_the_existing_run_folder_and_its_files(setup, t
 def test_explain_lists_allowed_values_and_cites_no_documents(capsys):
     assert validate(["--explain"]) == 0
     text = capsys.readouterr().out
-    assert "model.family (default: 'flux'; one of flux | pixart | latte)" in text
+    assert "model.family (default: 'flux'; one of flux | pixart | latte | dit)" in text
     assert "train.zero_stage (default: 2; one of 0 | 1 | 2 | 3)" in text
     assert "model.path (required)" in text
     assert re.search(r"§|\bspec\b|architecture|stack\.md|method\.md", text, re.IGNORECASE) is None

@@ -95,3 +95,23 @@ def test_bench_infer_records_device_dtype_and_attention_and_runs_bf16(capsys):
     assert (result["device"], result["dtype"], result["attention"]) == ("cpu", "bf16", "sdpa")
     assert result["tokens"] == PRESETS["tiny-flux"].tokens
     assert result["goal_checks"]["fast_efficiency"]["goal"] == ">= 0.9"
+
+
+def test_dit_xl_is_the_whole_released_dit_xl_2_at_batch_2_for_classifier_free_guidance():
+    family, record = get_replica("dit-xl-2-256")
+    preset = PRESETS["dit-xl"]
+    assert preset.family == family.name == "dit" and preset.config == record.transformer_config()
+    assert preset.config["num_layers"] == 28 and preset.text_tokens == 0
+    args = infer.resolve(_parse("--preset", "dit-xl"))
+    assert (args.batch, args.steps) == (2, 2)
+
+
+@pytest.mark.slow
+def test_dit_xl_fast_path_matches_masked_at_a_small_resolution(capsys):
+    """All 28 blocks at full width on 8² latents (16 tokens): the whole model runs all three paths."""
+    assert infer.run(_parse("--preset", "dit-xl", "--resolution", "64", "--steps", "1", "--repeats", "1",
+                            "--device", "cpu", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == "64²: 16 image tokens"
+    rows = {row["path"]: row for row in result["rows"]}
+    assert 0.2 < rows["fast"]["flops_ratio"] < 0.8 and result["max_abs_diff_fast_vs_masked"] < 1e-4

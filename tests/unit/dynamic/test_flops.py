@@ -309,6 +309,8 @@ def test_block_macs_dispatches_each_kind_to_its_formula():
         "flux_single": flux_single_block_macs(image_tokens=12, text_tokens=5, **shape, active_heads=h,
                                               group_fraction=g, active_image_tokens=n),
         "pixart": pixart_block_macs(tokens=12, **context, **shape, active_heads=h, group_fraction=g, active_tokens=n),
+        "dit": pixart_block_macs(tokens=12, context_tokens=0, **shape, active_heads=h, group_fraction=g,
+                                 active_tokens=n),
         "latte_spatial": latte_spatial_block_macs(frames=3, tokens_per_frame=12, **context, **shape, active_heads=h,
                                                   group_fraction=g, active_tokens=n),
         "latte_temporal": latte_temporal_block_macs(frames=3, tokens_per_frame=12, **shape, active_heads=h,
@@ -317,14 +319,15 @@ def test_block_macs_dispatches_each_kind_to_its_formula():
     layer = dict(heads=4, head_dim=16, hidden=192, cross_heads=4, context_width=20)
     active = dict(heads=h, cross_heads=cross, mlp=g, text_mlp=t, tokens=n)
     assert set(expected) == set(BLOCK_KINDS)
-    for kind, macs in expected.items():
-        got = block_macs(kind, **layer, image_tokens=12, text_tokens=5, frames=3, active=active)
+    for kind, macs in expected.items():  # a DiT block has no cross-attention, so no cross heads
+        shaped = layer | dict(cross_heads=0) if kind == "dit" else layer
+        got = block_macs(kind, **shaped, image_tokens=12, text_tokens=5, frames=3, active=active)
         torch.testing.assert_close(got, macs, rtol=0, atol=0)
     no_cross = block_macs("pixart", **(layer | dict(cross_heads=0)), image_tokens=12, text_tokens=5)
     assert no_cross == pixart_block_macs(tokens=12, context_tokens=0, **shape)
     assert no_cross == self_attention_macs(tokens=12, width=64, head_dim=16, heads=4) + 2 * 64 * 192 * 12
-    with pytest.raises(ValueError, match="unknown block kind 'dit'"):
-        block_macs("dit", heads=4, head_dim=16, hidden=192, image_tokens=12)
+    with pytest.raises(ValueError, match="unknown block kind 'sit'"):
+        block_macs("sit", heads=4, head_dim=16, hidden=192, image_tokens=12)
 
 
 def test_mlp_ratio_given_as_hidden_over_width_recovers_hidden():

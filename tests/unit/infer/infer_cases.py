@@ -12,7 +12,7 @@ from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.routers import ConditionedTokenRouter, TimestepRouter, TokenRouter
 from dydit_scale.models.tiny import tiny_transformer
 
-FAMILIES = ["flux", "pixart", "latte"]
+FAMILIES = ["flux", "pixart", "latte", "dit"]
 
 _ROWS, _COLS = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
 IMG_IDS = torch.stack([torch.zeros(16), _ROWS.flatten(), _COLS.flatten()], dim=-1)  # [16, 3]
@@ -32,6 +32,9 @@ def model_inputs(family: str, timestep: torch.Tensor, batch: int = 2, seed: int 
         return dict(hidden_states=torch.randn(batch, 16, 16, generator=g), encoder_hidden_states=text,
                     pooled_projections=torch.randn(batch, 32, generator=g), timestep=t, img_ids=IMG_IDS,
                     txt_ids=torch.zeros(5, 3), guidance=torch.full((batch,), 3.5))
+    if family == "dit":
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), timestep=t,
+                    class_labels=torch.randint(0, 1000, (batch,), generator=g))
     if family == "pixart":
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), encoder_hidden_states=text, timestep=t,
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})

@@ -60,6 +60,24 @@ def test_sliced_weights_are_cached_per_unique_mask():
     assert all(len(block._cache) == 1 for block in fast._fast_blocks)
 
 
+def test_the_sliced_weight_cache_holds_at_most_one_extra_copy_of_each_block():
+    """A schedule whose every step is a new mask (random routers, many steps) must not keep a copy of
+    the sliced weights per step: least recently used entries go once one extra copy is reached."""
+    masked = dynamic_model("dit", "random", seed=1)
+    keys = torch.arange(999, 0, -37)  # 27 steps
+    fast = apply_schedule(copy.deepcopy(masked), export_schedule(masked, keys))
+    for key in keys:
+        inputs = model_inputs("dit", key)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(**inputs).sample, masked(**inputs).sample, atol=1e-5, rtol=0)
+    unique = max(len(fast.dydit_fast.schedule.unique_masks(name)[0]) for name in fast.dydit_fast.schedule.masks)
+    assert unique > 4  # the test needs many distinct masks
+    for block in fast._fast_blocks:
+        assert 1 <= len(block._cache) < unique
+        assert sum(block._cache_bytes.values()) <= block._cache_budget or len(block._cache) == 1
+        assert set(block._cache_bytes) == set(block._cache)
+
+
 def _randomise_adapters(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():

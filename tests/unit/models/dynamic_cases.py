@@ -12,7 +12,7 @@ from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.routers import Router
 from dydit_scale.models.tiny import tiny_transformer
 
-FAMILIES = ["flux", "pixart", "latte"]
+FAMILIES = ["flux", "pixart", "latte", "dit"]
 
 #: A fresh DyFLUX model keeps every token in training only with a token-router bias above the
 #: logistic-noise bound (16.6); the config default 5 (DyFLUX parity) keeps ≈ σ(5) = 99.3 %.
@@ -33,6 +33,9 @@ def model_inputs(family: str, batch: int = 2, seed: int = 0, scale: float = 1.0)
             img_ids=IMG_IDS, txt_ids=torch.zeros(5, 3), guidance=torch.full((batch,), 3.5),
         )
     timestep = torch.randint(0, 1000, (batch,), generator=g)
+    if family == "dit":
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) * scale, timestep=timestep,
+                    class_labels=torch.randint(0, 1000, (batch,), generator=g))
     if family == "pixart":
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) * scale, encoder_hidden_states=text,
                     timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
@@ -41,8 +44,15 @@ def model_inputs(family: str, batch: int = 2, seed: int = 0, scale: float = 1.0)
 
 
 def stock_and_dynamic(family: str, config: DynamicConfig = FULL_AT_INIT) -> tuple[nn.Module, nn.Module]:
-    """A tiny stock model and a dynamic model made from an identical copy."""
+    """A tiny stock model and a dynamic model made from an identical copy.
+
+    DiT drops class labels at random in train mode (classifier-free guidance training); the routers
+    draw from the same RNG, so the two models would drop different labels: the tests switch it off.
+    """
     stock = tiny_transformer(family)
+    for module in stock.modules():
+        if hasattr(module, "dropout_prob") and hasattr(module, "embedding_table"):
+            module.dropout_prob = 0.0
     return stock, make_dynamic(copy.deepcopy(stock), config)
 
 

@@ -17,7 +17,7 @@ NAMES = list(FAMILY_MODULES)
 
 def test_registry_names_match_records():
     assert [family.name for family in all_families()] == NAMES
-    with pytest.raises(ValueError, match="model.family: expected one of flux, pixart, latte, got 'sd3'"):
+    with pytest.raises(ValueError, match="model.family: expected one of flux, pixart, latte, dit, got 'sd3'"):
         get_family("sd3")
 
 
@@ -39,12 +39,14 @@ def test_pipeline_kwargs_are_arguments_of_the_pipeline(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_inputs_run_the_stock_transformer(name):
-    """encode_pixels → transformer_inputs → forward: the prediction has the latents' shape."""
+    """encode_pixels → batch_conditioning → transformer_inputs → forward: the prediction has the latents' shape."""
     family, pipe = get_family(name), tiny_pipeline(name)
     frames = (4,) if family.video else ()
     pixels = torch.rand(2, 3, *frames, 32, 32) * 2 - 1
     latents = family.encode_pixels(pipe.vae, pixels)
-    text = family.encode_text(pipe, ["a red circle", "a blue square"], max_tokens=16, device=torch.device("cpu"))
+    batch = {"pixels": pixels, "labels": torch.tensor([3, 7])} if family.pipeline_class == "DiTPipeline" else \
+        {"pixels": pixels, "captions": ["a red circle", "a blue square"]}
+    text = family.batch_conditioning(pipe, batch, max_tokens=16, device=torch.device("cpu"))
     latent_hw = (pixels.shape[-2] // 2, pixels.shape[-1] // 2)  # the tiny VAE halves each side
     inputs = family.transformer_inputs(pipe.transformer, latents, torch.tensor([10, 500]), text,
                                        latent_hw=latent_hw, guidance=3.5)
@@ -70,3 +72,17 @@ def test_example_inputs_run_the_stock_transformer(name):
 def test_a_saved_tiny_pipeline_is_detected_as_its_family(name, tmp_path):
     tiny_pipeline(name).save_pretrained(tmp_path, safe_serialization=True)
     assert detect_family(tmp_path) == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_conditioning_refuses_the_other_kind_of_shards(name):
+    """Captioned shards for a class-conditional family, or .cls shards for a text family: one line."""
+    family, pipe = get_family(name), None
+    if family.pipeline_class == "DiTPipeline":
+        with pytest.raises(ValueError, match=r"class-conditional and needs shards with class labels \(\{key\}.cls"):
+            family.batch_conditioning(pipe, {"pixels": None, "captions": ["x"]}, max_tokens=8, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match="class label 1000 is out of range"):
+            family.batch_conditioning(pipe, {"labels": torch.tensor([1, 1000])}, max_tokens=8, device=torch.device("cpu"))
+    else:
+        with pytest.raises(ValueError, match=r"text-conditioned, but the shards hold class labels \(.cls\)"):
+            family.batch_conditioning(pipe, {"labels": torch.tensor([1])}, max_tokens=8, device=torch.device("cpu"))

@@ -17,12 +17,15 @@ from dydit_scale.models.loading import detect_family, load_pipeline, load_transf
 from dydit_scale.models.registry import all_replicas, get_replica
 from dydit_scale.models.replica_tokenizers import clip_tokenizer, t5_tokenizer
 
-NAMES = ["flux-dev", "flux-schnell", "pixart-alpha-1024", "pixart-alpha-512", "latte-1"]
+NAMES = ["flux-dev", "flux-schnell", "pixart-alpha-1024", "pixart-alpha-512", "latte-1", "dit-xl-2-256"]
 # Parameters of the released transformers: FLUX.1-dev 11.90 B, schnell the same less the guidance embedder,
-# PixArt-XL-2 0.61 B (1024-MS adds the resolution and aspect-ratio embedders), Latte-1 28 + 28 blocks.
+# PixArt-XL-2 0.61 B (1024-MS adds the resolution and aspect-ratio embedders), Latte-1 28 + 28 blocks,
+# DiT-XL/2 674.8 M (675 M with its fixed position table) plus the 27 extra copies of the 2.78 M timestep
+# and label embedders that diffusers keeps in every block.
 RELEASED_PARAMS = {"flux-dev": 11.901e9, "flux-schnell": 11.891e9, "pixart-alpha-1024": 0.611e9,
-                   "pixart-alpha-512": 0.611e9, "latte-1": 1.057e9}
-WIDTHS = {"flux": (24, 128), "pixart": (16, 72), "latte": (16, 72)}
+                   "pixart-alpha-512": 0.611e9, "latte-1": 1.057e9, "dit-xl-2-256": 674.83e6 + 27 * 2.777e6}
+WIDTHS = {"flux": (24, 128), "pixart": (16, 72), "latte": (16, 72), "dit": (16, 72)}
+ENCODERS = {"flux": {"t5", "clip"}, "pixart": {"t5"}, "latte": {"t5"}, "dit": set()}
 # T5-v1.1-XXL encoder 4.76 B, CLIP-L text tower 123 M, FLUX's 16-channel VAE 83.8 M, sd-vae-ft-ema 83.7 M.
 ENCODER_PARAMS = {"t5": 4.762e9, "clip": 123.06e6}
 VAE_PARAMS = {16: 83.82e6, 4: 83.65e6}
@@ -62,10 +65,11 @@ def test_released_depth_builds_on_meta_at_the_released_size(name):
     config = transformer.config
     assert (config.num_attention_heads, config.attention_head_dim) == WIDTHS[family.name]
     assert _params(vae) == pytest.approx(VAE_PARAMS[replica.vae["latent_channels"]], rel=0.001)
-    assert set(encoders) == ({"t5", "clip"} if family.name == "flux" else {"t5"})
+    assert set(encoders) == ENCODERS[family.name]
     for kind, encoder in encoders.items():
         assert _params(encoder) == pytest.approx(ENCODER_PARAMS[kind], rel=0.001)
-    assert encoders["t5"].config.d_model == 4096 and encoders["t5"].config.num_layers == 24
+    if "t5" in encoders:
+        assert encoders["t5"].config.d_model == 4096 and encoders["t5"].config.num_layers == 24
     if "clip" in encoders:
         assert encoders["clip"].config.hidden_size == 768 and encoders["clip"].config.num_hidden_layers == 12
 
@@ -89,6 +93,7 @@ WRITTEN = [  # one replica per family, 1 block per stack and 1 text layer, as th
     pytest.param("flux-dev", dict(dtype="bf16"), id="flux-dev-bf16"),
     pytest.param("pixart-alpha-512", dict(layers=1), id="pixart-alpha-512"),
     pytest.param("latte-1", dict(layers=1), id="latte-1"),
+    pytest.param("dit-xl-2-256", dict(layers=1), id="dit-xl-2-256"),
 ]
 
 
@@ -132,6 +137,8 @@ def test_written_replica_has_the_released_layout_and_loads(replica_folder, name,
         assert (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id) == tokenizers[encoder.kind]
         assert tokenizer.model_max_length == encoder.tokenizer["model_max_length"]
         assert getattr(pipe, component).config.vocab_size >= len(tokenizer)
+    if not replica.text_encoders:  # class-conditional: no text side
+        return
     text = family.encode_text(pipe, CAPTIONS, max_tokens=16, device=torch.device("cpu"))
     assert text["prompt_embeds"].shape[0] == 2 and text["prompt_embeds"].shape[-1] == 4096
     assert all(value.isfinite().all() for value in text.values())
@@ -160,7 +167,7 @@ def test_synth_replica_replaces_a_pipeline_folder_and_says_what_it_wrote(tmp_pat
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--replica", "flux-pro"], "--replica: expected one of flux-dev, flux-schnell, pixart-alpha-1024, "
-                                "pixart-alpha-512, latte-1, got 'flux-pro'"),
+                                "pixart-alpha-512, latte-1, dit-xl-2-256, got 'flux-pro'"),
     (["--replica", "latte-1", "--layers", "0"], "--layers and --text-layers must be >= 1"),
     (["--replica", "latte-1", "--shards", "image"], "give exactly one of --tiny-model FAMILY, --replica NAME"),
 ])
