@@ -21,7 +21,8 @@ from dydit_scale.models.family import Family
 from dydit_scale.models.pixart import DDPM_BETAS, adaln_stack
 from dydit_scale.models.replica import SD_VAE, Replica
 
-__all__ = ["FAMILY", "FREQ_SHIFT_KEY", "ClassFamily", "DyDiTTransformer2DModel", "dit_timestep_embedding"]
+__all__ = ["DIT_SCHEDULER", "FAMILY", "FREQ_SHIFT_KEY", "DiTFamily", "DyDiTTransformer2DModel",
+           "dit_timestep_embedding"]
 
 #: Private transformer config key (diffusers keeps it through from_pretrained / save_pretrained): the
 #: `downscale_freq_shift` of the sinusoidal timestep features. diffusers' DiT class hard-codes 1; the
@@ -55,12 +56,21 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
                 activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
                 norm_elementwise_affine=False, norm_eps=1e-6, patch_size=2, sample_size=32)
 # facebook/DiT-XL-2-256/scheduler/scheduler_config.json: DDIM over the linear DDPM betas.
-_DIT_SCHEDULER = DDPM_BETAS | dict(clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+DIT_SCHEDULER = DDPM_BETAS | dict(clip_sample=False, set_alpha_to_one=True, steps_offset=0)
 
 
-class ClassFamily(Family):
-    """Class-conditional DiT-architecture families: ImageNet-style labels instead of captions."""
+class DiTFamily(Family):
+    """DyDiT: class labels instead of captions; DDPM ε-prediction with learned σ (the ADM hybrid loss),
+    DDIM / DPM-Solver sampling."""
 
+    name = "dit"
+    objective = "ddpm"
+    samplers = {"ddim": "DDIMScheduler", "dpm_solver": "DPMSolverMultistepScheduler"}
+    replicas = {
+        "dit-xl-2-256": Replica(name="dit-xl-2-256", source="facebook/DiT-XL-2-256", transformer=DIT_XL_2,
+                                depth_keys=("num_layers",), default_layers=2, transformer_shards=1, vae=SD_VAE,
+                                scheduler=("DDIMScheduler", DIT_SCHEDULER)),
+    }
     transformer_class = DiTTransformer2DModel
     pipeline_class = "DiTPipeline"
     aspect_buckets = False
@@ -138,24 +148,8 @@ class ClassFamily(Family):
     def tiny_pipeline(self, transformer: torch.nn.Module) -> Any:
         import diffusers
 
-        scheduler = getattr(diffusers, next(iter(self.samplers.values())))(**self._scheduler_config())
-        return diffusers.DiTPipeline(transformer=transformer, vae=tiny.vae(4, flux=False), scheduler=scheduler)
-
-    def _scheduler_config(self) -> dict[str, Any]:
-        return dict(_DIT_SCHEDULER)
-
-
-class DiTFamily(ClassFamily):
-    """DyDiT: DDPM ε-prediction with learned σ (the ADM hybrid loss), DDIM / DPM-Solver sampling."""
-
-    name = "dit"
-    objective = "ddpm"
-    samplers = {"ddim": "DDIMScheduler", "dpm_solver": "DPMSolverMultistepScheduler"}
-    replicas = {
-        "dit-xl-2-256": Replica(name="dit-xl-2-256", source="facebook/DiT-XL-2-256", transformer=DIT_XL_2,
-                                depth_keys=("num_layers",), default_layers=2, transformer_shards=1, vae=SD_VAE,
-                                scheduler=("DDIMScheduler", _DIT_SCHEDULER)),
-    }
+        return diffusers.DiTPipeline(transformer=transformer, vae=tiny.vae(4, flux=False),
+                                     scheduler=diffusers.DDIMScheduler(**DIT_SCHEDULER))
 
 
 FAMILY = DiTFamily()

@@ -96,7 +96,7 @@ class Family:
         of a pre-encoded batch, else the captions through `encode_text`."""
         if "labels" in batch:
             raise ValueError(f"data: the {self.name} family is text-conditioned, but the shards hold class "
-                             "labels (.cls); use captioned shards (.txt) or a class-conditional family (dit, sit)")
+                             "labels (.cls); use captioned shards (.txt) or the class-conditional dit family")
         if "latents" not in batch:
             return self.encode_text(pipe, batch["captions"], max_tokens=max_tokens, device=device)
         text = {"prompt_embeds": batch["text_embeds"]}

@@ -21,7 +21,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
-from dydit_scale.models.dit import FAMILY, FREQ_SHIFT_KEY
+from dydit_scale.models.dit import DIT_SCHEDULER, FAMILY, FREQ_SHIFT_KEY
 
 __all__ = [
     "OfficialArch",
@@ -294,8 +294,7 @@ def save_model_folder(transformer: DiTTransformer2DModel, out: str | Path, vae: 
 
     folder = _vae_folder(Path(vae))
     autoencoder = diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True)
-    scheduler_class, scheduler_config = FAMILY.replicas["dit-xl-2-256"].scheduler
-    scheduler = getattr(diffusers, scheduler_class)(**scheduler_config)
+    scheduler = diffusers.DDIMScheduler(**DIT_SCHEDULER)
     pipe = diffusers.DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
