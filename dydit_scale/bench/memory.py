@@ -153,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
     mode = "full fine-tuning" if result["lora"] == "none" else f"{result['lora']} (base frozen, bf16)"
     offload = "optimizer + parameters" if result["offload_params"] else "optimizer" if result["offload"] else "none"
     frames = f" × {result['frames']} frames" if result["frames"] > 1 else ""
+    text = f" + {result['text_tokens']} text" if result["text_tokens"] else ""
     print(f"{result['replica']} ({result['source']}), {mode}: ZeRO-{result['zero']}, {result['world']} ranks on "
           f"{result['nodes']} node(s), offload {offload}")
-    print(f"{result['resolution']}²{frames}: {result['image_tokens']} image + {result['text_tokens']} text tokens, "
+    print(f"{result['resolution']}²{frames}: {result['image_tokens']} image{text} tokens, "
           f"batch {result['batch']}; activations measured in {result['activation_dtype']} on {result['device']}")
     print(f"parameters {params['total'] / 1e9:.2f} B ({params['released_transformer'] / 1e9:.2f} B released + "
           f"{params['added_by_dynamic_and_adapters'] / 1e6:.0f} M routers/adapters), "

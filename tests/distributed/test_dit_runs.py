@@ -67,3 +67,19 @@ def test_dit_trains_on_class_labels_on_two_ranks_then_exports_and_samples(tmp_pa
 
     loaded = load_run(run, consolidate=cli._zero_state_dict)
     assert type(loaded.model).__name__ == "DyDiTTransformer2DModel" and loaded.step == 4
+
+
+@pytest.mark.slow
+def test_dit_trains_on_pre_encoded_class_latents(tmp_path, tiny_model_dir):
+    """`dydit-data encode` of .cls shards with a DiTPipeline folder → latents + labels, no text: one rank trains."""
+    from data_tools.cli import main as data_main
+
+    shards = _class_shards(tmp_path / "shards")
+    encoded = tmp_path / "encoded"
+    assert data_main(["encode", str(shards), str(encoded), "--model", tiny_model_dir("dit"), "--resolution", "16",
+                      "--batch-size", "8"]) == 0
+    train([f"model.path={tiny_model_dir('dit')}", f"data.shards={encoded}", f"run.output_dir={tmp_path}",
+           "run.name=enc", "train.steps=2", "checkpoint.every_steps=2", "validation.every_steps=100",
+           "data.workers=1", "dynamic.complete_warmup_steps=1"], recipe=RECIPE, timeout_s=300)
+    rows = [row for row in metrics(tmp_path / "enc") if "loss" in row]
+    assert [row["step"] for row in rows][-1] == 2 and all(math.isfinite(row["loss"]) for row in rows)
