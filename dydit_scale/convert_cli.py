@@ -12,9 +12,11 @@ With `--vae DIR` the model folder is a whole `DiTPipeline` (sampling needs one),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from dydit_scale.help_format import DefaultsHelpFormatter
@@ -106,18 +108,14 @@ def convert_dydit(checkpoint: str | Path, out: str | Path, *, vae: str | Path | 
     return out, _describe(arch), ratio
 
 
-class _cleaned_on_error:
+@contextlib.contextmanager
+def _cleaned_on_error(out: Path) -> Iterator[None]:
     """Remove a half-written output folder (it was empty or absent before)."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.out, ignore_errors=True)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -79,7 +79,7 @@ class LayerEntry:
 
     name: str
     kind: str
-    """One of `flops.BLOCK_KINDS`: pixart | latte_spatial | latte_temporal | flux_double | flux_single."""
+    """One of `flops.BLOCK_KINDS`: dit | pixart | latte_spatial | latte_temporal | flux_double | flux_single."""
     heads: int
     head_dim: int
     hidden: int

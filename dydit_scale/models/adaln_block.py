@@ -1,4 +1,4 @@
-"""Dynamic `BasicTransformerBlock` with adaLN modulation, shared by DiT/SiT, PixArt-α and Latte.
+"""Dynamic `BasicTransformerBlock` with adaLN modulation, shared by DiT, PixArt-α and Latte.
 
 DiT blocks use `ada_norm_zero` (each block maps its own timestep + class embedding to the six
 modulation vectors), PixArt-α and Latte `ada_norm_single` (one shared embedding, a per-block table).

@@ -81,11 +81,11 @@ def load_transformer(path: str | Path, family: str | None = None, dtype: torch.d
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    cls = get_family(detect_family(path, expected=family)).transformer_class
+    record = get_family(detect_family(path, expected=family))
     folder = transformer_folder(path)
     with _named_load_errors(folder):
-        model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    return get_family(detect_family(path)).configure_loaded(model)
+        model = record.transformer_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return record.configure_loaded(model)
 
 
 def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None,

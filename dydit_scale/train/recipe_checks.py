@@ -3,8 +3,8 @@ call `load_checked_recipe`, so what validation accepts, training accepts.
 
 The schema (`config.load_recipe`) checks what the YAML alone decides. The rules here need more:
 the DeepSpeed keys the recipe derives itself, and, unless `offline`, this machine: the model folder,
-the validation prompts, the shards, the attention kernel, and the checkpoint a relaunch would resume. Each problem is one
-line naming the field. Only the attention and resume rules import torch.
+the validation prompts, the shards, the attention kernel, and the checkpoint a relaunch would
+resume. Each problem is one line naming the field. The offline rules never import torch.
 """
 
 from __future__ import annotations
