@@ -9,8 +9,8 @@ schedule (set as the routers' `decision`, so `flops_ratio` keeps working), the t
 live. Sliced weights are cached per unique mask combination of the block (per step when TD-LoRA must
 be merged at this step's π), least recently used first out once the cache would hold more than one
 extra copy of the block's weights (a schedule whose every step is a new mask would otherwise keep a
-copy per step: 24 GB for DiT-XL/2 at 50 steps), or in low-memory mode made in each block's forward
-and dropped at its end.
+copy per step: about 1 GB more per step for DiT-XL/2), or in low-memory mode made in each block's
+forward and dropped at its end.
 """
 
 from __future__ import annotations
