@@ -4,7 +4,7 @@
     dydit-data validate SHARDS...    decode every sample; per-shard, per-reason report (exit 1 if bad)
     dydit-data encode ...            VAE latents + text embeddings -> pre-encoded shards
     dydit-data stats SHARDS...       counts, sizes, resolutions
-    dydit-data synth --shards {image,video} OUT --count N [--classes N] | --tiny-model {flux,pixart,latte,dit} OUT
+    dydit-data synth --shards {image,video} OUT --count N [--classes N] | --tiny-model {flux,pixart,latte,dit,sit} OUT
     dydit-data synth --replica NAME OUT [--layers N] [--text-layers N] [--dtype fp32|bf16]
                                      a released pipeline (flux-dev, flux-schnell, pixart-alpha-1024,
                                      pixart-alpha-512, latte-1, dit-xl-2-256) at real widths, random

@@ -105,7 +105,7 @@ def export(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--steps", type=int, required=True, help="sampler steps")
     parser.add_argument("--resolution", type=_resolution, help="sampling size (default: the recipe's data.resolution)")
-    parser.add_argument("--sampler", help="flux: flow_euler; pixart: dpm_solver | ddim; latte: ddim; dit: ddim | dpm_solver")
+    parser.add_argument("--sampler", help="flux: flow_euler; pixart: dpm_solver | ddim; latte: ddim; dit: ddim | dpm_solver; sit: flow_euler")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32",
                         help="the pipeline's dtype (keys follow it) and that of --save-transformer's weights")
     parser.add_argument("--save-transformer", action="store_true",

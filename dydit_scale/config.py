@@ -41,8 +41,8 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["flux", "pixart", "latte", "dit"] = "flux"
-    """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video) | dit (DyDiT, class-conditional DDPM on ImageNet-style .cls shards)."""
+    family: Literal["flux", "pixart", "latte", "dit", "sit"] = "flux"
+    """Model family: flux (DyFLUX, flow matching) | pixart (DyPixArt-α, DDPM) | latte (DyLatte, video) | dit (DyDiT, class-conditional DDPM on ImageNet-style .cls shards) | sit (DySiT: the DiT transformer trained with class-conditional flow matching)."""
     path: str
     """Required. Local diffusers folder: a whole pipeline (model_index.json); export and sampling also take a transformer folder (config.json). Never downloaded."""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -250,11 +250,11 @@ class Recipe(_Section):
         if (self.data.kind == "video_text") != (self.model.family == "latte"):
             raise ValueError(
                 f"data.kind {self.data.kind!r} does not fit model.family {self.model.family!r}: "
-                "video_text goes with latte, image_text with flux, pixart or dit"
+                "video_text goes with latte, image_text with flux, pixart, dit or sit"
             )
-        if self.train.timestep_weighting != "none" and self.model.family != "flux":
+        if self.train.timestep_weighting != "none" and self.model.family not in ("flux", "sit"):
             raise ValueError(
-                f"train.timestep_weighting {self.train.timestep_weighting!r} applies to flow matching (flux) only; "
+                f"train.timestep_weighting {self.train.timestep_weighting!r} applies to flow matching (flux, sit) only; "
                 f"use none for model.family {self.model.family!r}"
             )
         if len(self.validation.seeds) < 1 or len(self.validation.prompts) < 1:

@@ -21,7 +21,7 @@ from dydit_scale.models.family import Family
 from dydit_scale.models.pixart import DDPM_BETAS, adaln_stack
 from dydit_scale.models.replica import SD_VAE, Replica
 
-__all__ = ["DIT_SCHEDULER", "FAMILY", "FREQ_SHIFT_KEY", "DiTFamily", "DyDiTTransformer2DModel",
+__all__ = ["DIT_SCHEDULER", "FAMILY", "FREQ_SHIFT_KEY", "NULL_CLASS", "DiTFamily", "DyDiTTransformer2DModel",
            "dit_timestep_embedding"]
 
 #: Private transformer config key (diffusers keeps it through from_pretrained / save_pretrained): the

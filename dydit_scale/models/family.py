@@ -1,7 +1,7 @@
 """`Family`: everything the rest of the system asks about one model family, in one record.
 
-Each family module (`models/flux.py`, `models/pixart.py`, `models/latte.py`) defines a subclass and
-one instance `FAMILY`; `models/registry.py` lists the modules. The trainer, validation, sampling,
+Each family module (`models/flux.py`, `pixart.py`, `latte.py`, `dit.py`, `sit.py`) defines a subclass
+and one instance `FAMILY`; `models/registry.py` lists the modules. The trainer, validation, sampling,
 export, time keys, loading and the tiny models ask only this record, so a new family is one new
 file plus one registry line.
 """
@@ -50,6 +50,12 @@ class Family:
     """Whether training batches may be non-square aspect-ratio buckets (else centre crops of resolution²)."""
     replicas: ClassVar[dict[str, Replica]] = {}
     """The released pipelines of this family at their real widths (`dydit-data synth --replica`)."""
+
+    def pipeline_type(self) -> type:
+        """The pipeline class itself (diffusers', unless the family brings its own)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     def make_dynamic(self, model: nn.Module, config: DynamicConfig) -> nn.Module:
         """Permute, then swap every block for its dynamic version, in place."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dydit_scale.models.registry import all_families, family_of, get_family
+from dydit_scale.models.registry import all_families, get_family
 
 if TYPE_CHECKING:  # torch loads with the weights, so folder checks stay cheap
     import torch
@@ -49,12 +49,20 @@ def detect_family(path: str | Path, expected: str | None = None) -> str:
         class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{folder / 'config.json'}: not valid JSON ({exc.msg})") from None
-    found = family_of(str(class_name))
-    if found is None:
-        supported = ", ".join(family.transformer_class.__name__ for family in all_families())
+    candidates = [family for family in all_families() if family.transformer_class.__name__ == class_name]
+    if not candidates:
+        supported = ", ".join(dict.fromkeys(family.transformer_class.__name__ for family in all_families()))
         raise ModelFolderError(f"{folder}: transformer class {class_name!r} is not supported; expected one of {supported}")
+    found = candidates[0]
+    if len(candidates) > 1:  # dit and sit share a transformer class: a pipeline folder's class decides
+        index = Path(path) / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        by_pipeline = [family for family in candidates if family.pipeline_class == pipeline]
+        names = [family.name for family in candidates]
+        found = by_pipeline[0] if by_pipeline else get_family(expected) if expected in names else found
     if expected is not None and found.name != expected:
-        raise ModelFolderError(f"{path}: holds a {found.name} transformer, but model.family is {expected!r}")
+        raise ModelFolderError(f"{path}: holds a {found.name} {'pipeline' if len(candidates) > 1 else 'transformer'}, "
+                               f"but model.family is {expected!r}")
     return found.name
 
 
@@ -93,13 +101,12 @@ def load_pipeline(path: str | Path, transformer: torch.nn.Module | None = None,
     """Load a whole local diffusers pipeline (fp32 unless `dtype`: one, or per component with a
     "default"), optionally with our own (dynamic) transformer, or without any transformer
     (`drop_transformer`, for encoding only)."""
-    import diffusers
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
 
     path = pipeline_folder(path)
-    cls = getattr(diffusers, get_family(detect_family(path)).pipeline_class)
+    cls = get_family(detect_family(path)).pipeline_type()
     extra = {"transformer": transformer} if transformer is not None or drop_transformer else {}
     with _named_load_errors(path):
         return cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)

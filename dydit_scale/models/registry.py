@@ -22,6 +22,7 @@ FAMILY_MODULES: dict[str, str] = {
     "pixart": "dydit_scale.models.pixart",
     "latte": "dydit_scale.models.latte",
     "dit": "dydit_scale.models.dit",
+    "sit": "dydit_scale.models.sit",
 }
 
 
@@ -39,7 +40,8 @@ def all_families() -> list[Family]:
 
 
 def family_of(model: nn.Module | str) -> Family | None:
-    """The family whose stock transformer class `model` is (or subclasses), or names; None if none."""
+    """The first family whose stock transformer class `model` is (or subclasses), or names; None if none.
+    dit and sit share `DiTTransformer2DModel`; their dynamic models are the same, so the first serves."""
     for family in all_families():
         cls = family.transformer_class
         if model == cls.__name__ if isinstance(model, str) else isinstance(model, cls):

@@ -68,7 +68,7 @@ def write_replica(name: str, out: str | Path, *, layers: int | None = None, text
     scheduler_class, scheduler_config = replica.scheduler
     components["scheduler"] = getattr(diffusers, scheduler_class).from_config(scheduler_config)
     components["scheduler"].save_pretrained(out / "scheduler")
-    getattr(diffusers, family.pipeline_class)(**components).save_config(out)
+    family.pipeline_type()(**components).save_config(out)
     return out
 
 

@@ -83,3 +83,24 @@ def test_dit_trains_on_pre_encoded_class_latents(tmp_path, tiny_model_dir):
            "data.workers=1", "dynamic.complete_warmup_steps=1"], recipe=RECIPE, timeout_s=300)
     rows = [row for row in metrics(tmp_path / "enc") if "loss" in row]
     assert [row["step"] for row in rows][-1] == 2 and all(math.isfinite(row["loss"]) for row in rows)
+
+
+@pytest.mark.slow
+def test_sit_trains_with_flow_matching_then_exports_flow_keys_and_samples(tmp_path, tiny_model_dir):
+    """The sit family: the same recipe with model.family=sit on a SiTPipeline folder (flow-matching Euler)."""
+    shards = _class_shards(tmp_path / "shards")
+    train([f"model.path={tiny_model_dir('sit')}", "model.family=sit", f"data.shards={shards}",
+           f"run.output_dir={tmp_path}", "run.name=sit", "train.steps=2", "checkpoint.every_steps=2",
+           "validation.every_steps=2", "data.workers=1", "train.timestep_weighting=logit_normal"],
+          recipe=RECIPE, timeout_s=300)
+    run = tmp_path / "sit"
+    rows = [row for row in metrics(run) if "loss" in row]
+    assert rows[-1]["step"] == 2 and all(math.isfinite(row["loss"]) for row in rows)
+    assert sorted((run / "samples").glob("*.png"))
+    assert cli.export([str(run), str(tmp_path / "schedule"), "--steps", "3"]) == 0
+    schedule = RouterSchedule.load(tmp_path / "schedule")
+    assert schedule.time_keys.sampler["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert schedule.time_keys.values.tolist() == pytest.approx([1000.0, 500.5, 1.0])  # 1000·σ, σ from 1 to 1e-3
+    assert cli.sample([str(run), str(tmp_path / "out"), "--schedule", str(tmp_path / "schedule"), "--prompt", "1",
+                       "--seed", "0"]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "samples.png")).std() > 0

@@ -52,7 +52,7 @@ def test_override_of_unknown_key_names_the_closest_field(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.family=sdxl", "model.family: expected one of flux, pixart, latte or dit, got 'sdxl'"),
+    ("model.family=sdxl", "model.family: expected one of flux, pixart, latte, dit or sit, got 'sdxl'"),
     ("dynamic.target_flops_ratio=1.5", "dynamic.target_flops_ratio: expected a number <= 1.0, got 1.5"),
     ("lora.rank=10", "lora.rank (10) must be divisible by lora.groups (4) for td_lora"),
     ("train.offload_params=true", "train.offload_params needs train.zero_stage 3, got 2"),

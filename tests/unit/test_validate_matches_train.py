@@ -110,7 +110,7 @@ CASES = {
     "dit-prompt-not-a-class": (lambda tmp: "model.path=dit",  # with model.family=dit below
                                "validation.prompts: 'a red circle' is not a class index in 0..999"),
     "weighting-on-ddpm": (lambda tmp: "model.family=pixart",  # with model.path=pixart below
-                          "train.timestep_weighting 'logit_normal' applies to flow matching (flux) only"),
+                          "train.timestep_weighting 'logit_normal' applies to flow matching (flux, sit) only"),
 }
 
 
@@ -253,7 +253,7 @@ def test_a_refused_relaunch_keeps_the_existing_run_folder_and_its_files(setup, t
 def test_explain_lists_allowed_values_and_cites_no_documents(capsys):
     assert validate(["--explain"]) == 0
     text = capsys.readouterr().out
-    assert "model.family (default: 'flux'; one of flux | pixart | latte | dit)" in text
+    assert "model.family (default: 'flux'; one of flux | pixart | latte | dit | sit)" in text
     assert "train.zero_stage (default: 2; one of 0 | 1 | 2 | 3)" in text
     assert "model.path (required)" in text
     assert re.search(r"§|\bspec\b|architecture|stack\.md|method\.md", text, re.IGNORECASE) is None

@@ -12,15 +12,17 @@ from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.routers import ConditionedTokenRouter, TimestepRouter, TokenRouter
 from dydit_scale.models.tiny import tiny_transformer
 
-FAMILIES = ["flux", "pixart", "latte", "dit"]
+FAMILIES = ["flux", "pixart", "latte", "dit", "sit"]
 
 _ROWS, _COLS = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
 IMG_IDS = torch.stack([torch.zeros(16), _ROWS.flatten(), _COLS.flatten()], dim=-1)  # [16, 3]
 
 
 def time_keys(family: str) -> torch.Tensor:
-    """Three keys as the family's pipeline passes them (FLUX σ in fp32, DDPM integer indices)."""
-    return torch.tensor([1.0, 0.62, 0.13]) if family == "flux" else torch.tensor([999, 500, 21])
+    """Three keys as the family's pipeline passes them (FLUX σ and SiT 1000·σ in fp32, DDPM integer indices)."""
+    if family in ("flux", "sit"):
+        return torch.tensor([1.0, 0.62, 0.13]) * (1000 if family == "sit" else 1)
+    return torch.tensor([999, 500, 21])
 
 
 def model_inputs(family: str, timestep: torch.Tensor, batch: int = 2, seed: int = 0) -> dict:
@@ -32,7 +34,7 @@ def model_inputs(family: str, timestep: torch.Tensor, batch: int = 2, seed: int 
         return dict(hidden_states=torch.randn(batch, 16, 16, generator=g), encoder_hidden_states=text,
                     pooled_projections=torch.randn(batch, 32, generator=g), timestep=t, img_ids=IMG_IDS,
                     txt_ids=torch.zeros(5, 3), guidance=torch.full((batch,), 3.5))
-    if family == "dit":
+    if family in ("dit", "sit"):
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), timestep=t,
                     class_labels=torch.randint(0, 1000, (batch,), generator=g))
     if family == "pixart":

@@ -22,7 +22,7 @@ from dydit_scale.models.tiny import tiny_transformer
 _UNADAPTED = {"flux": "transformer_blocks.0.attn.add_v_proj.weight",
               "pixart": "transformer_blocks.0.attn1.to_v.weight",
               "latte": "temporal_transformer_blocks.0.attn1.to_k.weight",
-              "dit": "transformer_blocks.1.attn1.to_v.weight"}
+              "dit": "transformer_blocks.1.attn1.to_v.weight", "sit": "transformer_blocks.1.attn1.to_v.weight"}
 
 
 def _fine_tuned(family: str):

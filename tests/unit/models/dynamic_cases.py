@@ -12,7 +12,7 @@ from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.routers import Router
 from dydit_scale.models.tiny import tiny_transformer
 
-FAMILIES = ["flux", "pixart", "latte", "dit"]
+FAMILIES = ["flux", "pixart", "latte", "dit", "sit"]
 
 #: A fresh DyFLUX model keeps every token in training only with a token-router bias above the
 #: logistic-noise bound (16.6); the config default 5 (DyFLUX parity) keeps ≈ σ(5) = 99.3 %.
@@ -33,7 +33,7 @@ def model_inputs(family: str, batch: int = 2, seed: int = 0, scale: float = 1.0)
             img_ids=IMG_IDS, txt_ids=torch.zeros(5, 3), guidance=torch.full((batch,), 3.5),
         )
     timestep = torch.randint(0, 1000, (batch,), generator=g)
-    if family == "dit":
+    if family in ("dit", "sit"):
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) * scale, timestep=timestep,
                     class_labels=torch.randint(0, 1000, (batch,), generator=g))
     if family == "pixart":

@@ -10,7 +10,7 @@ import pytest
 from dydit_scale.models.loading import ModelFolderError, detect_family, load_pipeline, load_transformer
 
 
-@pytest.mark.parametrize("family", ["flux", "pixart", "latte", "dit"])
+@pytest.mark.parametrize("family", ["flux", "pixart", "latte", "dit", "sit"])
 def test_pipeline_folder_and_transformer_folder_both_load(tiny_model_dir, family):
     folder = Path(tiny_model_dir(family))
     whole = load_transformer(folder, family)

@@ -130,7 +130,7 @@ def test_flops_ratio_counts_active_heads_groups_and_tokens(family):
                                                 group_fraction=0.25, active_image_tokens=0)
         full = 2 * flops.flux_double_block_macs(image_tokens=16, text_tokens=5, **shape)
         full += 2 * flops.flux_single_block_macs(image_tokens=16, text_tokens=5, **shape)
-    elif family in ("pixart", "dit"):  # a DiT block has no cross-attention
+    elif family in ("pixart", "dit", "sit"):  # a DiT block has no cross-attention
         kw = dict(tokens=16, context_tokens=5 if family == "pixart" else 0, **shape)
         dyn = 2 * flops.pixart_block_macs(**kw, active_heads=1, group_fraction=0.25, active_tokens=0)
         full = 2 * flops.pixart_block_macs(**kw)
