@@ -149,19 +149,33 @@ def sample(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=_resolution, help="SIZE or HEIGHTxWIDTH (default: the schedule's; "
                         "others only where the schedule holds their time keys)")
     parser.add_argument("--low-memory", action="store_true", help="slice weights in every forward instead of caching")
+    cache = parser.add_argument_group("step cache (cache-dit, the `cache` extra; default: the recipe's validation.cache)")
+    cache.add_argument("--cache", dest="mode", choices=recipe_choices()["validation.cache.mode"],
+                       help="dbcache: reuse the middle blocks' residual on steps whose first blocks barely changed; "
+                            "taylorseer: dbcache that extrapolates that residual (flux, pixart, dit, sit)")
+    cache.add_argument("--cache-threshold", dest="threshold", type=float,
+                       help="relative change of the first blocks' output below which a step is reused")
+    cache.add_argument("--cache-fn", dest="fn", type=int, help="first blocks every step computes")
+    cache.add_argument("--cache-bn", dest="bn", type=int, help="last blocks every step computes")
+    cache.add_argument("--cache-warmup", dest="warmup", type=int, help="first sampler steps never reused")
     parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     args = parser.parse_args(argv)
     from dydit_scale.infer.sample import sample_run
     from dydit_scale.console import bar_safe_logging, quiet_third_party
 
     quiet_third_party(verbose=args.verbose)
+    cache = {key: getattr(args, key) for key in ("mode", "threshold", "fn", "bn", "warmup")
+             if getattr(args, key) is not None}
     try:
         with bar_safe_logging():
             written = sample_run(args.checkpoint, args.schedule, args.out, prompts=args.prompts, seeds=args.seeds,
                                  guidance=args.guidance, steps=args.steps, resolution=args.resolution,
-                                 low_memory=args.low_memory, consolidate=_zero_state_dict)
+                                 low_memory=args.low_memory, consolidate=_zero_state_dict, cache=cache)
     except (ValueError, FileNotFoundError) as err:
         print(f"dydit-sample: {err}", file=sys.stderr)
         return 2
     print(f"{written.grid}\n{written.compute_map}" + "".join(f"\n{v}" for v in written.videos))
+    if any(written.cached):
+        share = sum(map(len, written.cached)) / len(written.cached)
+        print(f"step cache: {share:.1f} steps per sample reused ({', '.join(str(len(c)) for c in written.cached)})")
     return 0

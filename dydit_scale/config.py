@@ -206,6 +206,19 @@ class LogConfig(_Section):
     """Show third-party console noise too (torchvision probes, diffusers' experimental-API notes, every caption truncation, DeepSpeed INFO)."""
 
 
+class StepCacheConfig(_Section):
+    mode: Literal["none", "dbcache", "taylorseer"] = "none"
+    """cache-dit step cache on the fast path: dbcache reuses the middle blocks' residual on steps whose first blocks barely changed; taylorseer also extrapolates it (needs the `cache` extra)."""
+    threshold: float = Field(0.08, gt=0.0)
+    """Relative L1 change of the first blocks' output below which a step reuses the cache (higher: faster, less exact)."""
+    fn: int = Field(8, ge=1)
+    """Blocks at the start of the model that every step computes (their change decides; the routers' first blocks)."""
+    bn: int = Field(0, ge=0)
+    """Blocks at the end of the model that every step computes (they correct the reused residual)."""
+    warmup: int = Field(8, ge=0)
+    """Sampler steps at the start that are never cached."""
+
+
 class ValidationConfig(_Section):
     every_steps: int = Field(1000, ge=1)
     """Held-out loss (dynamic and full width) and sample grid every n steps."""
@@ -219,6 +232,8 @@ class ValidationConfig(_Section):
     """Sampler steps for the grid."""
     guidance_scale: float = Field(3.5, ge=0.0)
     """Guidance for the grid (FLUX: distilled guidance; PixArt/Latte/DiT: CFG)."""
+    cache: StepCacheConfig = Field(default_factory=StepCacheConfig)
+    """Step cache `dydit-sample` uses unless told otherwise; the training grids sample uncached, to show what training changes."""
 
 
 class Recipe(_Section):

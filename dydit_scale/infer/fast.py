@@ -1,10 +1,11 @@
 """`apply_schedule`: the fast dynamic inference path (sliced weights, kept tokens only).
 
 The dynamic model is changed in place, as `make_dynamic` does: its class becomes a `Fast…` subclass
-whose forward keeps the diffusers signature (pipelines run it unchanged), looks up the step by the
-exact timestep the pipeline passes, gives the TDW routers the schedule's masks instead of running
-them, sets this step's TD-LoRA π and token-router state, then runs the stock diffusers forward over
-blocks switched to their sliced versions (`fast_blocks`). Every sample of a batch — both CFG halves —
+whose forward is the stock diffusers forward (pipelines run it unchanged) over blocks switched to
+their sliced versions (`fast_blocks`). A forward pre-hook looks up the step by the exact timestep the
+pipeline passes, gives the TDW routers the schedule's masks instead of running them and sets this
+step's TD-LoRA π and token-router state: as a hook it runs before any wrapper that replaces the
+forward or swaps the block list (cache-dit's step cache does both). Every sample of a batch — both CFG halves —
 shares the step's masks; the token routers stay live.
 """
 
@@ -27,14 +28,13 @@ __all__ = ["FastTransformerMixin", "apply_schedule"]
 
 
 class FastTransformerMixin:
-    """Forward of a model made fast by `apply_schedule`: schedule lookup, then the stock forward."""
+    """Forward of a model made fast by `apply_schedule`: the stock forward (the pre-hook `_begin_step`
+    has set the step's masks), not the dynamic model's router pass."""
 
     dydit_schedule: RouterSchedule
     dydit_fast: FastState
 
     def forward(self, *args, **kwargs):
-        bound = stock_signature(type(self)).bind(self, *args, **kwargs)
-        self._begin_step(bound.arguments["timestep"], bound.arguments["hidden_states"].shape[0])
         return super(DynamicTransformerMixin, self).forward(*args, **kwargs)
 
     @torch.no_grad()
@@ -51,6 +51,11 @@ class FastTransformerMixin:
             block.use_step(step)
         if self.dydit_fast.token_log is not None:
             self.dydit_fast.token_log.append(None)
+
+
+def _step_pre_hook(model: FastTransformerMixin, args: tuple, kwargs: dict) -> None:
+    bound = stock_signature(type(model)).bind(model, *args, **kwargs)
+    model._begin_step(bound.arguments["timestep"], bound.arguments["hidden_states"].shape[0])
 
 
 @functools.cache
@@ -119,4 +124,5 @@ def apply_schedule(model: nn.Module, schedule: RouterSchedule, *, low_memory: bo
     for key, value in (("dydit_schedule", schedule), ("dydit_fast", state), ("_fast_routers", routers),
                        ("_fast_blocks", blocks), ("_fast_prepared", prepared)):
         object.__setattr__(model, key, value)
+    model.register_forward_pre_hook(_step_pre_hook, with_kwargs=True)
     return model.eval()

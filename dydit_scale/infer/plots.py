@@ -196,12 +196,14 @@ def schedule_heatmap(schedule: RouterSchedule, path: str | Path) -> Path:
     return save_figure(schedule_figure(schedule), path)
 
 
-def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, keys: list[float]) -> Figure:
+def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, keys: list[float],
+                   cached: tuple[int, ...] = ()) -> Figure:
     """Per-patch compute map as a matplotlib figure: for every step, how many blocks ran each
     token's MLP. The colour scale spans the counts that occur (a handful of levels would otherwise
     look flat), one colour per count when the counts are whole numbers.
 
-    `counts` [T, F·h·w] for one sample (frames are averaged), `grid` = (h, w) patches.
+    `counts` [T, F·h·w] for one sample (frames are averaged), `grid` = (h, w) patches; `cached`: the
+    steps a step cache reused, titled as such (only their always-computed blocks count).
     """
     plt = pyplot()
     from matplotlib.colors import BoundaryNorm, Normalize
@@ -225,7 +227,7 @@ def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, ke
         ax.set_axis_off()
         if index < len(maps):
             image = ax.imshow(maps[index], cmap=cmap, norm=norm, interpolation="nearest")
-            ax.set_title(f"step {index}  (t={keys[index]:.3g})", fontsize=9)
+            ax.set_title(f"step {index}  (t={keys[index]:.3g}){'  cached' if index in cached else ''}", fontsize=9)
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.85, pad=0.02)
     bar.set_label(f"blocks whose MLP ran (of {blocks})", fontsize=9)
     if whole:
@@ -237,9 +239,9 @@ def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, ke
 
 
 def compute_map(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, keys: list[float],
-                path: str | Path) -> Path:
+                path: str | Path, cached: tuple[int, ...] = ()) -> Path:
     """Write `compute_figure(...)` as a PNG."""
-    return save_figure(compute_figure(counts, grid, blocks=blocks, keys=keys), path)
+    return save_figure(compute_figure(counts, grid, blocks=blocks, keys=keys, cached=cached), path)
 
 
 def save_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:

@@ -7,6 +7,7 @@ resolution), so the pipeline passes exactly the schedule's time keys.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from dydit_scale.infer.fast import apply_schedule
 from dydit_scale.infer.keys import build_scheduler, sampler_time_keys, sampling_token_shape
 from dydit_scale.infer.plots import compute_map, labelled_grid, save_mp4, save_png
 from dydit_scale.infer.runs import Consolidate, load_run
+from dydit_scale.infer.step_cache import cached_steps, check_step_cache, enable_step_cache, with_overrides
 from dydit_scale.models.loading import load_pipeline
 from dydit_scale.models.registry import get_family
 
@@ -35,22 +37,27 @@ class SampleOutputs:
     grid: Path
     compute_map: Path
     videos: tuple[Path, ...] = ()
+    #: per sample, the steps the step cache reused (empty lists without a cache)
+    cached: tuple[tuple[int, ...], ...] = ()
 
 
 def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, prompts: list[str] | None = None,
                seeds: list[int] | None = None, guidance: float | None = None, steps: int | None = None,
                resolution: tuple[int, int] | None = None, low_memory: bool = False,
-               consolidate: Consolidate | None = None) -> SampleOutputs:
+               consolidate: Consolidate | None = None, cache: dict[str, Any] | None = None) -> SampleOutputs:
     """Sample every prompt × seed with the checkpoint's fast model; write PNG grids (+ mp4s) into `out`.
 
-    Prompts, seeds and guidance default to the run recipe's `validation:` section; steps and
-    resolution to the schedule's, and other values only where the schedule holds their time keys.
+    Prompts, seeds, guidance and the step cache default to the run recipe's `validation:` section;
+    steps and resolution to the schedule's, and other values only where the schedule holds their time keys.
+    `cache`: fields of `StepCacheConfig` that replace the recipe's `validation.cache` ones.
     """
     schedule = RouterSchedule.load(schedule_dir)
     if not schedule.time_keys.sampler:
         raise ValueError(f"{schedule_dir}: the schedule has no sampler record; export it with dydit-export")
     run = load_run(path, consolidate=consolidate)
     recipe, family = run.recipe, get_family(run.recipe.model.family)
+    cache = with_overrides(recipe.validation.cache, cache or {})
+    check_step_cache(run.model, recipe.model.family, cache)
     if steps is not None or resolution is not None:
         schedule = _restricted(schedule, Path(schedule_dir), recipe, run.model.config, steps, resolution)
     sampler = schedule.time_keys.sampler
@@ -59,12 +66,14 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
     pipe = load_pipeline(recipe.model.path, transformer=model if dtype == torch.float32 else model.to(dtype),
                          dtype=dtype)
     pipe.scheduler = build_scheduler(sampler)
+    if cache.mode != "none":
+        enable_step_cache(pipe, recipe.model.family, cache)
     height, width = sampler["resolution"]
     kwargs = family.pipeline_kwargs(steps=sampler["steps"], height=height, width=width,
                                     guidance=recipe.validation.guidance_scale if guidance is None else guidance,
                                     text_tokens=recipe.data.max_text_tokens, frames=recipe.data.num_frames)
     seeds, prompts = seeds or recipe.validation.seeds, prompts or recipe.validation.prompts
-    outputs, first_log = [], None
+    outputs, first_log, cached = [], None, []
     for seed in seeds:
         for prompt in prompts:
             done = len(outputs)
@@ -73,9 +82,11 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
             model.dydit_fast.token_log = []
             result = pipe(**family.prompt_arguments(pipe, prompt), generator=torch.Generator().manual_seed(seed), **kwargs)
             outputs.append(family.first_output(result))
+            cached.append(tuple(cached_steps(model)) if cache.mode != "none" else ())
             first_log = first_log if first_log is not None else model.dydit_fast.token_log
     model.dydit_fast.token_log = None
-    return _write(Path(out), family.video, outputs, prompts, seeds, schedule, first_log)
+    written = _write(Path(out), family.video, outputs, prompts, seeds, schedule, first_log, cached[0])
+    return dataclasses.replace(written, cached=tuple(cached))
 
 
 def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any, steps: int | None,
@@ -100,7 +111,7 @@ def _restricted(schedule: RouterSchedule, where: Path, recipe: Any, config: Any,
 
 
 def _write(out: Path, video: bool, outputs: list[np.ndarray], prompts: list[str], seeds: list[int],
-           schedule: RouterSchedule, token_log: list[torch.Tensor | None]) -> SampleOutputs:
+           schedule: RouterSchedule, token_log: list[torch.Tensor | None], cached: tuple[int, ...]) -> SampleOutputs:
     videos: list[Path] = []
     if video:  # one row of frames per video, in sampling order (seed-major)
         for index, frames in enumerate(outputs):
@@ -116,5 +127,5 @@ def _write(out: Path, video: bool, outputs: list[np.ndarray], prompts: list[str]
     tokens = schedule.token_shape.image_tokens
     h = max(1, round(math.sqrt(tokens * height / width)))
     cmap = compute_map(counts, (h, tokens // h), blocks=len(schedule.layers),
-                       keys=schedule.time_keys.values.double().tolist(), path=out / "compute_map.png")
+                       keys=schedule.time_keys.values.double().tolist(), path=out / "compute_map.png", cached=cached)
     return SampleOutputs(grid=grid, compute_map=cmap, videos=tuple(videos))

@@ -30,11 +30,11 @@ def load_checked_recipe(path: str | Path, overrides: list[str] | tuple[str, ...]
 def recipe_problems(recipe: Recipe, *, world_size: int = 1, offline: bool = False) -> list[str]:
     """Why training would refuse `recipe` at start-up on `world_size` ranks; `offline` skips every
     rule that depends on this machine (files, CUDA), for a recipe meant for another one."""
-    problems = derived_key_conflicts(recipe.train.deepspeed)
+    problems = derived_key_conflicts(recipe.train.deepspeed) + _cache_family_problems(recipe)
     if offline:
         return problems
     model = _model_problems(recipe.model)
-    problems += model + ([] if model else _prompt_problems(recipe))
+    problems += model + ([] if model else _prompt_problems(recipe) + _cache_problems(recipe))
     problems += _attention_problems(recipe.model.attention) + _data_problems(recipe.data, world_size)
     return problems + _resume_problems(recipe, compare_model=not model)
 
@@ -69,6 +69,31 @@ def _prompt_problems(recipe: Recipe) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     return problems
+
+
+def _cache_family_problems(recipe: Recipe) -> list[str]:
+    if recipe.validation.cache.mode == "none":
+        return []
+    from dydit_scale.infer.step_cache import family_problem
+
+    problem = family_problem(recipe.model.family)
+    return [] if problem is None else [f"validation.cache.mode: {problem}"]
+
+
+def _cache_problems(recipe: Recipe) -> list[str]:
+    """dydit-sample's default step cache must fit the model's blocks (whether cache-dit is installed is
+    dydit-sample's concern: training never uses it)."""
+    import json
+
+    from dydit_scale.infer.step_cache import block_counts, cache_problem
+    from dydit_scale.models.loading import transformer_folder
+
+    cache = recipe.validation.cache
+    if cache.mode == "none" or _cache_family_problems(recipe):
+        return []
+    config = json.loads((transformer_folder(recipe.model.path) / "config.json").read_text())
+    problem = cache_problem(recipe.model.family, block_counts(recipe.model.family, config), cache)
+    return [] if problem is None else [f"validation.cache: {problem}"]
 
 
 def _attention_problems(kind: str) -> list[str]:

@@ -109,9 +109,28 @@ CASES = {
                                             "other settings; changed: base model weights (None -> 'sha256:"),
     "dit-prompt-not-a-class": (lambda tmp: "model.path=dit",  # with model.family=dit below
                                "validation.prompts: 'a red circle' is not a class index in 0..999"),
+    "cache-leaves-no-block": (lambda tmp: f"model.path={_two_blocks(tmp)}",  # with validation.cache below
+                              "validation.cache: fn 8 + bn 0 blocks always run, but transformer_blocks has 2"),
     "weighting-on-ddpm": (lambda tmp: "model.family=pixart",  # with model.path=pixart below
                           "train.timestep_weighting 'logit_normal' applies to flow matching (flux, sit) only"),
 }
+
+
+def _two_blocks(tmp: Path) -> Path:
+    folder = _pipeline(tmp / "two", "flux")
+    (folder / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "FluxTransformer2DModel", "num_layers": 2, "num_single_layers": 4}))
+    return folder
+
+
+def test_a_step_cache_on_latte_is_refused_offline_too(setup):
+    latte = ["model.family=latte", "data.kind=video_text"]
+    recipe = load_recipe(setup, [*latte, "validation.cache.mode=taylorseer"])
+    assert recipe_problems(recipe, offline=True) == [
+        "validation.cache.mode: latte: cache-dit cannot cache this family: its forward interleaves spatial and "
+        "temporal blocks (transformer_blocks[i], then temporal_transformer_blocks[i]) in one loop, and cache-dit "
+        "caches whole block lists"]
+    assert recipe_problems(load_recipe(setup, latte), offline=True) == []  # mode none
 
 
 def _lines(text: str) -> list[str]:
@@ -136,6 +155,8 @@ def test_validate_and_train_refuse_the_same_recipe_with_the_same_line(setup, tmp
     overrides = [make(tmp_path)]
     if case == "weighting-on-ddpm":
         overrides += ["model.path=pixart", "train.timestep_weighting=logit_normal"]
+    if case == "cache-leaves-no-block":
+        overrides += ["validation.cache.mode=dbcache"]
     if case == "dit-prompt-not-a-class":
         overrides += ["model.family=dit", "validation.prompts=[a red circle]"]
     before = sorted(tmp_path.rglob("*"))

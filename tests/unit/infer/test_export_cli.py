@@ -79,6 +79,22 @@ def test_sample_cli_writes_a_grid_and_a_compute_map(tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_sample_cli_step_cache_reuses_steps_and_says_so(tiny_runs, tmp_path, capsys):
+    pytest.importorskip("cache_dit")
+    run = tiny_runs["td_lora"]
+    assert cli.export([str(run), str(tmp_path / "schedule"), "--steps", "6"]) == 0
+    common = [str(run), str(tmp_path / "out"), "--schedule", str(tmp_path / "schedule"), "--prompt", "a red circle",
+              "--seed", "0", "--seed", "1", "--cache", "dbcache"]
+    capsys.readouterr()
+    assert cli.sample(common) == 2  # the recipe's default fn = 8 leaves none of the tiny model's 2 blocks
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "fn 8 + bn 0 blocks always run, but transformer_blocks has 2" in err
+    assert cli.sample([*common, "--cache-fn", "1", "--cache-warmup", "2", "--cache-threshold", "100"]) == 0
+    assert capsys.readouterr().out.strip().endswith("step cache: 4.0 steps per sample reused (4, 4)")
+    assert Image.open(tmp_path / "out" / "compute_map.png").size[0] > 300
+
+
+@pytest.mark.slow
 def test_sample_steps_and_resolution_only_where_the_schedule_holds_their_keys(tiny_runs, tmp_path, capsys):
     run = tiny_runs["td_lora"]
     assert cli.export([str(run), str(tmp_path / "schedule"), "--steps", "4"]) == 0
