@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dydit_scale.bench.efficacy_cache import cache_arms
 from dydit_scale.bench.efficacy_arms import Setting, rebuild, run_arms
 from dydit_scale.bench.efficacy_data import Data, make_data, redraw
 from dydit_scale.bench.efficacy_eval import Prompts, Scorer, euler_time_keys, step_seconds
@@ -38,7 +39,7 @@ from dydit_scale.bench.efficacy_report import print_table, result_goals, save_pi
 from dydit_scale.bench.efficacy_score import features, frechet_distance, train_classifier
 from dydit_scale.bench.efficacy_train import HeldOut, build_static, pretrain
 from dydit_scale.bench.goals import goal_checks
-from dydit_scale.config import DynamicConfig
+from dydit_scale.config import DynamicConfig, StepCacheConfig
 from dydit_scale.diffusion import FlowMatchingObjective
 from dydit_scale.io import atomic_write_json
 
@@ -49,11 +50,11 @@ _MODEL_KEYS = ("size", "heads", "head_dim", "layers", "patch")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(size=16, heads=4, head_dim=4, layers=2, patch=4, batch=8, count=256, heldout=32, lr=2e-3,
                  pretrain_steps=30, classifier_steps=40, lambdas=[0.5], samples=8, sample_steps=4, guidance=2.0,
-                 shown=4,
+                 shown=4, cache_warmup=1, cache_batch=4,
                  help="16² images, 4 heads × 4, 2 blocks, 30 steps, λ = 0.5 (plumbing only, for tests)"),
     "default": dict(size=16, heads=8, head_dim=8, layers=4, patch=2, batch=32, count=10000, heldout=512, lr=2e-3,
                     pretrain_steps=4000, classifier_steps=1200, lambdas=[0.9, 0.7, 0.5, 0.3], samples=256,
-                    sample_steps=20, guidance=3.0, shown=8,
+                    sample_steps=20, guidance=3.0, shown=8, cache_warmup=8, cache_batch=16,
                     help="16² images, patch 2 (64 tokens), 8 heads × 8, 4 blocks, 4000 steps, "
                          "λ ∈ {0.9, 0.7, 0.5, 0.3}"),
 }
@@ -90,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="processes that fine-tune arms side by side, one thread each; 1 = in this process")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, init, batches and noise")
+    cache = parser.add_argument_group("step cache arms (cache-dit, the `cache` extra)")
+    cache.add_argument("--cache", nargs="?", const="dbcache", choices=["dbcache", "taylorseer"],
+                       help="also score and time the static model and each dynamic arm under this step cache")
+    cache.add_argument("--cache-threshold", type=float, default=0.08, help="cache-dit's default")
+    cache.add_argument("--cache-fn", type=int, default=1, help="first blocks always computed (of the model's 4)")
+    cache.add_argument("--cache-bn", type=int, default=0, help="last blocks always computed")
+    cache.add_argument("--cache-warmup", type=int, help="steps never reused; unset = the preset's (default: 8, "
+                                                        "cache-dit's)")
 
 
 def _static_model(args: argparse.Namespace, p: dict[str, Any], data: Data,
@@ -165,6 +174,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               "dynamic": {"router_lr_scale": args.router_lr_scale, "head_router_bias": args.head_router_bias,
                           "token_router_bias": args.token_router_bias, "hold": args.hold, "ramp": args.ramp},
               "threads": args.threads, "workers": args.workers, "out": str(out)}
+    if args.cache:
+        cache = StepCacheConfig(mode=args.cache, threshold=args.cache_threshold, fn=args.cache_fn, bn=args.cache_bn,
+                                warmup=p["cache_warmup"] if args.cache_warmup is None else args.cache_warmup)
+        models = {"static": static} | {f"dynamic λ={lam}": timed[f"dynamic λ={lam}"] for lam in lambdas}
+        scores = {"static": static_scores} | {f"dynamic λ={r['lambda']}": r for r in rows if r["arm"] == "dynamic"}
+        result["cache"] = cache_arms(models, scores, score, cache, p["cache_batch"])
     result["plot"], result["samples_png"] = (str(path) for path in save_pictures(result, images, prompts, p["shown"]))
     result["seconds"] = time.perf_counter() - start
     result["goal_checks"] = goal_checks(result_goals(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,14 +47,18 @@ def euler_time_keys(steps: int) -> TimeKeys:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, sampler: dict, prompts: Prompts, guidance: float, batch: int = 128) -> torch.Tensor:
+def sample(model: nn.Module, sampler: dict, prompts: Prompts, guidance: float, batch: int = 128,
+           on_start: Callable[[], None] | None = None, on_end: Callable[[], None] | None = None) -> torch.Tensor:
     """Euler steps of the recorded flow-matching scheduler with classifier-free guidance, images in [-1, 1].
 
     The null and the real caption run as one batch, v = v_∅ + g·(v_c − v_∅), as PixArt's pipeline does.
+    `on_start` and `on_end` run around each batch's generation (a step cache's bookkeeping).
     """
     scheduler = build_scheduler(sampler)
     images = []
     for i in range(0, prompts.noise.shape[0], batch):
+        if on_start is not None:
+            on_start()
         x, text = prompts.noise[i:i + batch].clone(), prompts.text[i:i + batch]
         both = torch.cat([torch.zeros_like(text), text])
         scheduler.set_timesteps(sampler["steps"])
@@ -61,6 +66,8 @@ def sample(model: nn.Module, sampler: dict, prompts: Prompts, guidance: float, b
             null, cond = pixart_forward(model, torch.cat([x, x]), t.reshape(1).expand(2 * x.shape[0]), both).chunk(2)
             x = scheduler.step(null + guidance * (cond - null), t, x).prev_sample
         images.append(x.clamp(-1, 1))
+        if on_end is not None:
+            on_end()
     return torch.cat(images)
 
 
@@ -77,10 +84,12 @@ class Scorer:
         """Scores of `loss_model` on held-out data and of `sample_model`'s samples (the fast path of a
         dynamic arm, the model itself otherwise); also returns the samples."""
         images = sample(sample_model, self.sampler, self.prompts, self.guidance)
-        scores = {"heldout_loss": self.held.loss(loss_model),
-                  "prompt_score": prompt_score(self.classifier, images, self.prompts.labels),
-                  "fd": frechet_distance(features(self.classifier, images), self.real_features)}
-        return scores, images
+        return {"heldout_loss": self.held.loss(loss_model)} | self.image_scores(images), images
+
+    def image_scores(self, images: torch.Tensor) -> dict[str, float]:
+        """Prompt score and FD of samples of `prompts`."""
+        return {"prompt_score": prompt_score(self.classifier, images, self.prompts.labels),
+                "fd": frechet_distance(features(self.classifier, images), self.real_features)}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dydit_scale.bench.efficacy_cache import cache_cause, cache_goals, print_cache_table
 from dydit_scale.bench.efficacy_data import caption_of
 from dydit_scale.bench.efficacy_eval import Prompts
 from dydit_scale.bench.goals import Goal
@@ -47,6 +48,8 @@ def result_goals(result: dict[str, Any]) -> dict[str, Goal]:
             loss_gap = pruned["heldout_loss"] - dynamic["heldout_loss"]
             goals[f"λ {lam}: loss, pruned − dynamic"] = Goal(loss_gap, ">=", 0)
             goals[f"λ {lam}: FD, pruned − dynamic"] = Goal(pruned["fd"] - dynamic["fd"], ">=", 0)
+    if "cache" in result:
+        goals |= cache_goals(result)
     if result["preset"] == "default":
         limit = 40 if result["pretrain"]["reused"] else 60
         goals["minutes"] = Goal(result["seconds"] / 60, "<=", limit)
@@ -61,6 +64,8 @@ def _cause(name: str, result: dict[str, Any]) -> str:
         return "the static model does not follow prompts yet: raise --pretrain-steps"
     if name == "minutes":
         return "this machine is slower than 2 free cores, or the steps were raised"
+    if " + " in name.split(":")[0]:
+        return cache_cause(name, result)
     lam = float(name.split(":")[0].removeprefix("λ "))
     row = _dynamic(result, lam)
     if "ratio" in name:
@@ -101,6 +106,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{'':<9}{r['lambda']:>5.2f}{r['flops_ratio']:>10.3f}{r['schedule_flops_ratio']:>12.3f}"
               f"{r['train_flops_ratio']:>10.3f}{r['token_keep_rate']:>13.1%}"
               f"{r['undecided_share']:>15.1%} / {r['token_undecided_share']:.1%}")
+    if "cache" in result:
+        print_cache_table(result)
     print("goals:")
     for name, goal in result_goals(result).items():
         line = f"  {name}: {goal.value:.4g} {goal.mark()}"
