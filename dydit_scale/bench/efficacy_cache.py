@@ -25,7 +25,7 @@ from dydit_scale.bench.goals import Goal
 from dydit_scale.config import StepCacheConfig
 from dydit_scale.infer.step_cache import cached_steps, enable_step_cache, refresh_step_cache
 
-__all__ = ["cache_arms", "cache_cause", "cache_goals", "print_cache_table"]
+__all__ = ["cache_arms", "cache_cause", "cache_goals", "label", "print_cache_table"]
 
 
 class _CachedSampler:
@@ -53,7 +53,7 @@ def _decisions(reused: list[list[int]], steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _seconds_per_image(samplers: dict[str, tuple[nn.Module, _CachedSampler | None]], score: Scorer, batch: int,
-                       rounds: int = 3) -> dict[str, float]:
+                       rounds: int = 5) -> dict[str, float]:
     """Best seconds per image of a whole generation of one batch, arms in alternation."""
     prompts = score.prompts
     first = Prompts(prompts.text[:batch], prompts.labels[:batch], prompts.noise[:batch])
@@ -67,60 +67,69 @@ def _seconds_per_image(samplers: dict[str, tuple[nn.Module, _CachedSampler | Non
     return best
 
 
-def cache_arms(models: dict[str, nn.Module], scores: dict[str, dict[str, float]], score: Scorer,
-               cache: StepCacheConfig, batch: int) -> dict[str, Any]:
-    """Rows for every model of `models` (static first, then dynamic arms by name) with and without the
-    cache: prompt score, FD, seconds per image, speed-up against static, share of steps reused.
+def label(cache: StepCacheConfig) -> str:
+    """How rows name a cache setting, e.g. "dbcache 0.08"."""
+    return f"{cache.mode} {cache.threshold:g}"
 
-    `scores` holds each model's uncached prompt score and FD (measured by the main bench).
-    """
+
+def cache_arms(models: dict[str, nn.Module], scores: dict[str, dict[str, float]], score: Scorer,
+               caches: list[StepCacheConfig], batch: int) -> dict[str, Any]:
+    """Rows for every model of `models` (static first, then dynamic arms by name), uncached and under
+    each cache setting: prompt score, FD, seconds per image, speed-up against static, share of steps
+    reused. `scores` holds each model's uncached prompt score and FD (measured by the main bench)."""
     steps = score.sampler["steps"]
     samplers: dict[str, tuple[nn.Module, _CachedSampler | None]] = {}
     rows: dict[str, dict[str, Any]] = {}
     reused: dict[str, torch.Tensor] = {}
     for name, model in models.items():
-        cached, named = _CachedSampler(model, cache, steps), f"{name} + {cache.mode}"
-        images = sample(cached.model, score.sampler, score.prompts, score.guidance, batch=batch,
-                        on_start=cached.start, on_end=cached.end)
-        reused[named] = _decisions(cached.reused, steps)
         rows[name] = {key: scores[name][key] for key in ("prompt_score", "fd")}
-        rows[named] = score.image_scores(images) | {"cached_share": float(reused[named].float().mean())}
-        samplers[name], samplers[named] = (model, None), (model, cached)
-    static = reused[f"static + {cache.mode}"]
+        samplers[name] = (model, None)
+        for cache in caches:
+            cached, named = _CachedSampler(model, cache, steps), f"{name} + {label(cache)}"
+            images = sample(cached.model, score.sampler, score.prompts, score.guidance, batch=batch,
+                            on_start=cached.start, on_end=cached.end)
+            reused[named] = _decisions(cached.reused, steps)
+            rows[named] = score.image_scores(images) | {"cached_share": float(reused[named].float().mean())}
+            samplers[named] = (model, cached)
     for name, decisions in reused.items():
+        static = reused[f"static + {name.split(' + ')[1]}"]
         if not name.startswith("static"):
             rows[name]["agreement_with_static"] = float((decisions == static).float().mean())
     seconds = _seconds_per_image(samplers, score, batch)
     for name, row in rows.items():
         row |= {"s_per_image": seconds[name], "speedup": seconds["static"] / seconds[name]}
-    return {"settings": cache.model_dump(), "batch": batch, "rows": rows}
+    return {"settings": [cache.model_dump() for cache in caches], "labels": [label(cache) for cache in caches],
+            "batch": batch, "rows": rows}
 
 
 def cache_goals(result: dict[str, Any]) -> dict[str, Goal]:
-    """Speed-ups multiply (combined ≥ 0.9 × cache × fast path, per λ); at λ 0.7 the cached dynamic
-    model keeps the static model's prompt score (−3 points) and the cached static model's FD (+10 %)."""
+    """Speed-ups multiply (combined ≥ 0.9 × cache × fast path, per λ and setting); at λ 0.7 under the
+    first setting (cache-dit's default threshold unless told otherwise) the cached dynamic model keeps
+    the static model's prompt score (−3 points) and the cached static model's FD (+10 %)."""
     cache = result["cache"]
-    mode, rows, goals = cache["settings"]["mode"], cache["rows"], {}
-    alone = rows[f"static + {mode}"]["speedup"]
-    for name in (name for name in rows if name.startswith("dynamic") and not name.endswith(mode)):
-        both = rows[f"{name} + {mode}"]
-        lam = name.removeprefix("dynamic λ=")
-        goals[f"λ {lam} + {mode}: speed-up ÷ (cache × fast)"] = Goal(
-            both["speedup"] / (alone * rows[name]["speedup"]), ">=", 0.9)
-        if float(lam) == 0.7:
-            goals[f"λ 0.7 + {mode}: prompt score vs static"] = Goal(
-                both["prompt_score"] - rows["static"]["prompt_score"], ">=", -0.03, "−3 points")
-            goals[f"λ 0.7 + {mode}: FD vs static + {mode}"] = Goal(
-                both["fd"] / rows[f"static + {mode}"]["fd"] - 1, "<=", 0.10, "+10 %")
+    rows, goals = cache["rows"], {}
+    dynamic = [name for name in rows if name.startswith("dynamic") and " + " not in name]
+    for index, setting in enumerate(cache["labels"]):
+        alone = rows[f"static + {setting}"]["speedup"]
+        for name in dynamic:
+            both, lam = rows[f"{name} + {setting}"], name.removeprefix("dynamic λ=")
+            goals[f"λ {lam} + {setting}: speed-up ÷ (cache × fast)"] = Goal(
+                both["speedup"] / (alone * rows[name]["speedup"]), ">=", 0.9)
+            if float(lam) == 0.7 and index == 0:
+                goals[f"λ 0.7 + {setting}: prompt score vs static"] = Goal(
+                    both["prompt_score"] - rows["static"]["prompt_score"], ">=", -0.03, "−3 points")
+                goals[f"λ 0.7 + {setting}: FD vs static + {setting}"] = Goal(
+                    both["fd"] / rows[f"static + {setting}"]["fd"] - 1, "<=", 0.10, "+10 %")
     return goals
 
 
 def cache_cause(name: str, result: dict[str, Any]) -> str:
     """Why a cache goal was missed, from the rows it compares."""
-    rows, mode = result["cache"]["rows"], result["cache"]["settings"]["mode"]
-    dynamic = name.split(" + ")[0].replace("λ ", "dynamic λ=")
-    both, static = rows[f"{dynamic} + {mode}"], rows[f"static + {mode}"]
-    return (f"static {mode} {static['speedup']:.2f}× reusing {static['cached_share']:.0%} of steps; {dynamic} "
+    rows = result["cache"]["rows"]
+    lam, setting = name.split(":")[0].removeprefix("λ ").split(" + ")
+    dynamic = f"dynamic λ={lam}"
+    both, static = rows[f"{dynamic} + {setting}"], rows[f"static + {setting}"]
+    return (f"static + {setting} {static['speedup']:.2f}× reusing {static['cached_share']:.0%} of steps; {dynamic} "
             f"{rows[dynamic]['speedup']:.2f}×; both {both['speedup']:.2f}× reusing {both['cached_share']:.0%} "
             f"({both['agreement_with_static']:.0%} of decisions as static); prompt {100 * both['prompt_score']:.1f}% "
             f"vs static {100 * rows['static']['prompt_score']:.1f}%, FD {both['fd']:.2f} vs {static['fd']:.2f}")
@@ -128,13 +137,13 @@ def cache_cause(name: str, result: dict[str, Any]) -> str:
 
 def print_cache_table(result: dict[str, Any]) -> None:
     cache = result["cache"]
-    settings = cache["settings"]
-    print(f"step cache {settings['mode']}: threshold {settings['threshold']}, first {settings['fn']} / last "
-          f"{settings['bn']} blocks always computed, {settings['warmup']} warm-up steps; batches of {cache['batch']} "
-          f"images, timed over whole generations")
-    print(f"{'arm':<26}{'prompt':>8}{'FD':>8}{'s/image':>10}{'speed-up':>10}{'reused':>8}{'as static':>11}")
+    first = cache["settings"][0]
+    print(f"step caches {', '.join(cache['labels'])} (mode threshold): first {first['fn']} / last {first['bn']} "
+          f"blocks always computed, {first['warmup']} warm-up steps; batches of {cache['batch']} images, timed over "
+          "whole generations")
+    print(f"{'arm':<30}{'prompt':>8}{'FD':>8}{'s/image':>10}{'speed-up':>10}{'reused':>8}{'as static':>11}")
     for name, row in cache["rows"].items():
         reused = f"{row['cached_share']:.0%}" if "cached_share" in row else ""
         agree = f"{row['agreement_with_static']:.0%}" if "agreement_with_static" in row else ""
-        print(f"{name:<26}{100 * row['prompt_score']:>7.1f}%{row['fd']:>8.2f}{row['s_per_image']:>10.4f}"
+        print(f"{name:<30}{100 * row['prompt_score']:>7.1f}%{row['fd']:>8.2f}{row['s_per_image']:>10.4f}"
               f"{row['speedup']:>9.2f}×{reused:>8}{agree:>11}")

@@ -30,11 +30,14 @@ import torch
 from torch import nn
 
 from dydit_scale.bench.goals import Goal, goal_checks
-from dydit_scale.bench.infer_models import PRESETS, at_resolution, build_paths
+from dydit_scale.bench.infer_cache import CACHED, cached_paths, combined_goal, computed_plan, refresh
+from dydit_scale.bench.infer_models import PRESETS, at_depth, at_resolution, build_paths
 from dydit_scale.bench.infer_run import build_run_paths
+from dydit_scale.config import StepCacheConfig
 from dydit_scale.console import quiet_third_party
 from dydit_scale.dynamic.flops import flops_ratio
 from dydit_scale.infer.keys import sampler_time_keys
+from dydit_scale.infer.step_cache import block_counts, cache_problem, cached_steps
 from dydit_scale.models.build import attention_problem
 
 __all__ = ["PRESETS", "add_arguments", "run"]
@@ -73,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa",
                         help="attention kernel of all three paths; xformers needs CUDA and the xformers package")
+    parser.add_argument("--layers", type=int, help="blocks per stack of a released-width preset (default: 1, "
+                                                   "dit-xl all 28); --cache needs more than --cache-fn + --cache-bn")
+    cache = parser.add_argument_group("step cache (cache-dit, the `cache` extra; speed only)")
+    cache.add_argument("--cache", nargs="?", const="dbcache", choices=["dbcache", "taylorseer"],
+                       help="also time the static and fast paths under this step cache, computing every other step "
+                            "and reusing the rest (random weights: a threshold would decide nothing real)")
+    cache.add_argument("--cache-fn", type=int, default=8, help="first blocks a reused step still computes")
+    cache.add_argument("--cache-bn", type=int, default=0, help="last blocks a reused step still computes")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -91,14 +102,24 @@ def check_args(args: argparse.Namespace) -> None:
         if not (args.run and args.schedule):
             raise SystemExit("--run and --schedule go together: the run's model and the schedule dydit-export "
                              "wrote for it")
-        for flag in ("preset", "resolution"):
+        for flag in ("preset", "resolution", "layers"):
             if getattr(args, flag) is not None:
                 raise SystemExit(f"--run: times the run's own model at the schedule's token shape; drop --{flag}")
         return
     try:
-        at_resolution(args.preset or DEFAULT_PRESET, args.resolution)
+        preset = at_depth(at_resolution(args.preset or DEFAULT_PRESET, args.resolution), args.layers)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    problem = cache_problem(preset.family, block_counts(preset.family, preset.config), _cache(args))
+    if problem is not None:
+        raise SystemExit(f"--cache: {problem}" + (" (--layers raises the depth)" if preset.replica else ""))
+
+
+def _cache(args: argparse.Namespace) -> StepCacheConfig:
+    """The step cache of --cache (mode none without it)."""
+    if not args.cache:
+        return StepCacheConfig()
+    return StepCacheConfig(mode=args.cache, fn=args.cache_fn, bn=args.cache_bn, warmup=0)
 
 
 @torch.no_grad()
@@ -115,7 +136,8 @@ def _warm_up(model: nn.Module, steps: list[dict[str, Any]], ratios: list[float] 
 def _timed_rounds(paths: dict[str, nn.Module], steps: list[dict[str, Any]], repeats: int, clock: str,
                   device: torch.device) -> dict[str, list[list[float]]]:
     """Seconds of each path at each step (inner lists) in each round. Paths alternate at every step, in
-    rotating order, so that load from other processes falls on all of them alike; CUDA work is waited for."""
+    rotating order, so that load from other processes falls on all of them alike; CUDA work is waited for.
+    A round is one generation for the cached paths."""
     now = time.process_time if clock == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = list(paths)
@@ -123,6 +145,7 @@ def _timed_rounds(paths: dict[str, nn.Module], steps: list[dict[str, Any]], repe
     for round_index in range(repeats):
         for name in names:
             seconds[name].append([])
+        refresh(paths, len(steps))
         for step_index, inputs in enumerate(steps):
             shift = (round_index + step_index) % len(names)
             for name in names[shift:] + names[:shift]:
@@ -160,11 +183,12 @@ def _setup(args: argparse.Namespace, device: torch.device,
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(str(err)) from None
         return bench.paths, bench.steps, dict(run=args.run, schedule=args.schedule) | bench.facts
-    preset = at_resolution(args.preset, args.resolution)
+    preset = at_depth(at_resolution(args.preset, args.resolution), args.layers)
     keys = sampler_time_keys(preset.family, steps=args.steps, resolution=preset.resolution, dtype=dtype).values
     paths, steps = build_paths(preset, keys, args.batch, args.seed, device, dtype, args.attention)
     return paths, steps, dict(preset=args.preset, family=preset.family, tokens=preset.tokens,
-                              resolution=list(preset.resolution), steps=args.steps, batch=args.batch)
+                              resolution=list(preset.resolution), steps=args.steps, batch=args.batch,
+                              layers=block_counts(preset.family, preset.config))
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,22 +198,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     paths, steps, facts = _setup(args, device, dtype)
+    if args.cache:
+        try:
+            paths |= cached_paths(paths, facts["family"], _cache(args), len(steps))
+        except ValueError as err:
+            raise SystemExit(f"--cache: {err}") from None
+        facts["cache"] = _cache(args).model_dump() | {"computed_steps": computed_plan(len(steps))}
     ratios: dict[str, list[float]] = {"masked": [], "fast": []}
+    refresh(paths, len(steps))
     outputs = {name: _warm_up(model, steps, ratios.get(name)) for name, model in paths.items()}
     times = _timed_rounds(paths, steps, args.repeats, args.clock, device)
+    if args.cache:  # what the last round reused, as the plan says
+        facts["cache"]["reused_steps"] = {name: cached_steps(paths[name]) for name in CACHED}
     best = {name: _per_step(rounds, min) for name, rounds in times.items()}
     median = {name: _per_step(rounds, statistics.median) for name, rounds in times.items()}
     rows = []
     for name in paths:
-        ratio = statistics.fmean(ratios[name]) if name in ratios else 1.0
+        # a cached path's work depends on the plan, not on one FLOPs ratio: no efficiency for it
+        ratio = None if name in CACHED else statistics.fmean(ratios[name]) if name in ratios else 1.0
         speedup = best["static"] / best[name]
         rows.append(dict(path=name, s_per_step=best[name], s_per_step_median=median[name], flops_ratio=ratio,
-                         speedup=speedup, efficiency=speedup * ratio,
-                         efficiency_median=median["static"] / median[name] * ratio))
+                         speedup=speedup, efficiency=None if ratio is None else speedup * ratio,
+                         efficiency_median=None if ratio is None else median["static"] / median[name] * ratio))
     diff = (outputs["fast"].float() - outputs["masked"].float()).abs().max()
+    goals = {"fast_efficiency": efficiency_goal(rows)}
+    if args.cache:
+        goals["cache_combined"] = combined_goal(best)
     return dict(rows=rows, **facts, repeats=args.repeats, threads=args.threads, clock=args.clock, device=args.device,
                 dtype=args.dtype, attention=args.attention, max_abs_diff_fast_vs_masked=float(diff),
-                goal_checks=goal_checks({"fast_efficiency": efficiency_goal(rows)}))
+                goal_checks=goal_checks(goals))
 
 
 def efficiency_goal(rows: list[dict[str, Any]]) -> Goal:
@@ -213,13 +250,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"batch {result['batch']}, {result['steps']} steps, best of {result['repeats']} rounds per step, "
           f"{result['device']} {result['dtype']} {result['attention']}, {result['threads']} threads, "
           f"{result['clock']} clock")
-    print(f"{'path':<8}{'s/step':>10}{'median':>10}{'FLOPs ratio':>13}{'speed-up':>10}{'efficiency':>12}"
+    if "cache" in result:
+        cache = result["cache"]
+        print(f"step cache {cache['mode']} on static+cache and fast+cache: steps computed {cache['computed_steps']} "
+              f"(1) or reused (0), a reused step computing the first {cache['fn']} and last {cache['bn']} blocks")
+    print(f"{'path':<13}{'s/step':>10}{'median':>10}{'FLOPs ratio':>13}{'speed-up':>10}{'efficiency':>12}"
           f"{'(median)':>10}")
     for row in result["rows"]:
-        print(f"{row['path']:<8}{row['s_per_step']:>10.4f}{row['s_per_step_median']:>10.4f}"
-              f"{row['flops_ratio']:>13.3f}{row['speedup']:>10.2f}{row['efficiency']:>12.2f}"
-              f"{row['efficiency_median']:>10.2f}")
+        print(f"{row['path']:<13}{row['s_per_step']:>10.4f}{row['s_per_step_median']:>10.4f}"
+              f"{_cell(row['flops_ratio'], '.3f'):>13}{row['speedup']:>10.2f}{_cell(row['efficiency'], '.2f'):>12}"
+              f"{_cell(row['efficiency_median'], '.2f'):>10}")
     print(f"max |fast - masked| = {result['max_abs_diff_fast_vs_masked']:.2e}")
     goal = efficiency_goal(result["rows"])
     print(f"fast-path efficiency {goal.value:.2f}: {goal.mark()}")
+    if "cache" in result:
+        goal = combined_goal({row["path"]: row["s_per_step"] for row in result["rows"]})
+        print(f"cache and fast path together: {goal.value:.2f} of the product of their speed-ups: {goal.mark()}")
     return 0
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -27,7 +27,7 @@ from dydit_scale.models.build import set_attention_backend
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.registry import get_family, get_replica
 
-__all__ = ["PRESETS", "Preset", "at_resolution", "build_paths", "cast", "model_inputs", "share_stock_weights",
+__all__ = ["PRESETS", "Preset", "at_depth", "at_resolution", "build_paths", "cast", "model_inputs", "share_stock_weights",
            "step_inputs", "to_device"]
 
 
@@ -51,6 +51,8 @@ class Preset:
     defaults: dict[str, int] = field(default_factory=lambda: dict(steps=4, batch=2, repeats=5))
     resizable: bool = False
     """Whether `at_resolution` may change the pixels (the released-width presets)."""
+    replica: str | None = None
+    """The released model whose width this is (`at_depth` may then change the blocks per stack)."""
 
 
 def _released(replica: str, dynamic: dict[str, Any], text_tokens: int, tokens: str, note: str,
@@ -59,7 +61,7 @@ def _released(replica: str, dynamic: dict[str, Any], text_tokens: int, tokens: s
     family, record = get_replica(replica)
     return Preset(family.name, record.transformer_config(layers), dynamic | dict(tokens=True), text_tokens, tokens,
                   f"{record.source} width, {note}; {tokens}; batch {batch} by default",
-                  defaults=dict(steps=2, batch=batch, repeats=3), resizable=True, **kwargs)
+                  defaults=dict(steps=2, batch=batch, repeats=3), resizable=True, replica=replica, **kwargs)
 
 
 _DIT_B = dict(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
@@ -109,6 +111,18 @@ def at_resolution(name: str, resolution: int | None) -> Preset:
               if frames else f"{resolution}²: {image} image{text} tokens")
     return replace(preset, latent_hw=(resolution // 8, resolution // 8), resolution=(resolution, resolution),
                    tokens=tokens)
+
+
+def at_depth(preset: Preset, layers: int | None) -> Preset:
+    """`preset` with `layers` blocks per stack when given (released-width presets only)."""
+    if layers is None:
+        return preset
+    if preset.replica is None:
+        raise ValueError("--layers: only for the released-width presets")
+    if layers < 1:
+        raise ValueError(f"--layers: expected an integer >= 1, got {layers}")
+    _, record = get_replica(preset.replica)
+    return replace(preset, config=record.transformer_config(layers))
 
 
 def _init_routers(model: nn.Module, seed: int) -> None:

@@ -18,6 +18,7 @@ Why this is safe with the fast path:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -82,11 +83,19 @@ def check_step_cache(transformer: nn.Module, family: str, cache: StepCacheConfig
 
 
 def _cache_dit() -> Any:
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its INFO lines describe every wrapped block
+    """cache-dit, its loggers quiet unless CACHE_DIT_LOG_LEVEL says otherwise: they print an INFO line per
+    wrapped block, on stdout, where a bench's --json goes."""
+    quiet = "CACHE_DIT_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["CACHE_DIT_LOG_LEVEL"] = "error"
     try:
         import cache_dit
     except ImportError:
         raise ValueError("cache-dit is not installed: pip install 'dydit_scale[cache]'") from None
+    if quiet:  # loggers made before the variable was set (cache-dit imported elsewhere first)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("cache_dit") and isinstance(logger, logging.Logger):
+                logger.setLevel(logging.ERROR)
     return cache_dit
 
 
@@ -103,10 +112,15 @@ def _dit_functor() -> Any:
     return DynamicDiTPatchFunctor()
 
 
-def enable_step_cache(target: Any, family: str, cache: StepCacheConfig) -> nn.Module:
+def enable_step_cache(target: Any, family: str, cache: StepCacheConfig, *,
+                      computed_steps: list[int] | None = None) -> nn.Module:
     """Wrap the transformer of a pipeline (or a transformer alone, then `refresh_step_cache` before
     each generation) in cache-dit's step cache; returns the transformer. Raises ValueError (one line)
-    for a family or block layout the cache cannot run."""
+    for a family or block layout the cache cannot run.
+
+    computed_steps: a fixed plan instead of the threshold, 1 = compute the step, 0 = reuse (for timing
+    models whose random weights make the threshold's decisions meaningless).
+    """
     transformer = getattr(target, "transformer", target)
     check_step_cache(transformer, family, cache)
     cache_dit = _cache_dit()
@@ -119,7 +133,9 @@ def enable_step_cache(target: Any, family: str, cache: StepCacheConfig) -> nn.Mo
         patch_functor=_dit_functor() if family in ("dit", "sit") else None, check_forward_pattern=True)
     config = cache_dit.DBCacheConfig(Fn_compute_blocks=cache.fn, Bn_compute_blocks=cache.bn,
                                      residual_diff_threshold=cache.threshold, max_warmup_steps=cache.warmup,
-                                     enable_separate_cfg=False)  # every family runs both CFG halves as one batch
+                                     enable_separate_cfg=False,  # every family runs both CFG halves as one batch
+                                     steps_computation_mask=computed_steps,
+                                     steps_computation_policy="dynamic" if computed_steps is None else "static")
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if cache.mode == "taylorseer" else None
     cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
     return transformer

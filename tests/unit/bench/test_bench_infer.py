@@ -115,3 +115,30 @@ def test_dit_xl_fast_path_matches_masked_at_a_small_resolution(capsys):
     assert result["tokens"] == "64²: 16 image tokens"
     rows = {row["path"]: row for row in result["rows"]}
     assert 0.2 < rows["fast"]["flops_ratio"] < 0.8 and result["max_abs_diff_fast_vs_masked"] < 1e-4
+
+
+def test_cache_times_static_and_fast_again_under_a_fixed_reuse_plan(capsys):
+    pytest.importorskip("cache_dit")
+    assert infer.run(_parse("--preset", "tiny", "--steps", "4", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                            "--cache", "--cache-fn", "1", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {row["path"]: row for row in result["rows"]}
+    assert list(rows) == ["static", "masked", "fast", "static+cache", "fast+cache"]
+    assert rows["fast+cache"]["flops_ratio"] is None and rows["fast+cache"]["speedup"] > 0
+    cache = result["cache"]
+    assert cache["computed_steps"] == [1, 0, 1, 0] and (cache["fn"], cache["bn"]) == (1, 0)
+    assert cache["reused_steps"] == {"static+cache": [1, 3], "fast+cache": [1, 3]}
+    assert set(result["goal_checks"]) == {"fast_efficiency", "cache_combined"}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--preset", "latte-1"), "^--cache: latte: cache-dit cannot cache this family"),
+    (("--preset", "flux-dev"), r"^--cache: fn 8 \+ bn 0 blocks always run, but transformer_blocks has 1: .*"
+                               r"\(--layers raises the depth\)$"),
+    (("--preset", "flux-dev", "--layers", "12", "--cache-bn", "4"),
+     "^--cache: fn 8 [+] bn 4 blocks always run, but transformer_blocks has 12"),
+    (("--preset", "dit-b", "--layers", "8"), "^--layers: only for the released-width presets"),
+])
+def test_a_cache_the_preset_cannot_run_is_a_one_line_error(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        infer.check_args(_parse("--device", "cpu", "--cache", *argv))

@@ -43,8 +43,9 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     assert set(result["goal_checks"]) == set(result_goals(result))
     assert (out / "schedule-lam0.5" / "schedule.safetensors").is_file()
 
-    # --static reuses the saved model; one worker in this process gives the same numbers as two processes
-    again_args = [*common, "--static", str(out / "static")]
+    # --static reuses the saved model; one worker in this process gives the same numbers as two processes;
+    # --cache adds the cached arms (a threshold no change reaches: every step after the warm-up is reused)
+    again_args = [*common, "--static", str(out / "static"), "--cache", "--cache-threshold", "100", "1e-6"]
     again_args[again_args.index("--workers") + 1] = "1"
     assert efficacy.run(_args(*again_args)) == 0
     again = json.loads(capsys.readouterr().out)
@@ -53,6 +54,16 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
         assert again["static"][key] == result["static"][key], key
     for key in ("flops_ratio", "heldout_loss", "prompt_score", "fd"):
         assert again["rows"][0][key] == pytest.approx(result["rows"][0][key], rel=1e-5), key
+    cached = again["cache"]["rows"]
+    assert list(cached) == ["static", "static + dbcache 100", "static + dbcache 1e-06", "dynamic λ=0.5",
+                            "dynamic λ=0.5 + dbcache 100", "dynamic λ=0.5 + dbcache 1e-06"]
+    assert cached["static"]["fd"] == again["static"]["fd"] and cached["static"]["speedup"] == 1.0
+    for name in ("static", "dynamic λ=0.5"):  # 3 of 4 steps after the warm-up step, or none
+        assert cached[f"{name} + dbcache 100"]["cached_share"] == 0.75
+        assert cached[f"{name} + dbcache 1e-06"]["cached_share"] == 0.0
+        assert cached[f"{name} + dbcache 1e-06"]["fd"] == pytest.approx(cached[name]["fd"], rel=1e-4)
+    assert cached["dynamic λ=0.5 + dbcache 100"]["agreement_with_static"] == 1.0
+    assert {"λ 0.5 + dbcache 100: speed-up ÷ (cache × fast)"} <= set(again["goal_checks"])
 
 
 def test_static_from_another_preset_is_refused(tmp_path) -> None:
