@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -119,8 +122,20 @@ def dynamic_config(args: argparse.Namespace, lam: float) -> DynamicConfig:
 _WORKER: _Worker | None = None
 
 
-def _start(setting: Setting, steps_done: Synchronized) -> None:
+def _exit_with(parent: int) -> None:
+    """A worker outlives a killed bench (the pool cannot tell it): leave once `parent` is gone."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _start(setting: Setting, steps_done: Synchronized, parent: int) -> None:
     global _WORKER
+
+    _exit_with(parent)
 
     def on_step() -> None:
         with steps_done.get_lock():
@@ -148,7 +163,8 @@ def run_arms(setting: Setting, lambdas: list[float], workers: int) -> dict[tuple
     steps_done = context.Value("l", 0)
     bar = tqdm(total=(1 + 2 * len(lambdas)) * setting.steps, unit="step", leave=False,
                desc=f"efficacy: fine-tune the arms ({workers} processes)")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(setting, steps_done)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                             initargs=(setting, steps_done, os.getpid())) as pool:
         pending: dict[Future, tuple[str, float | None]] = {pool.submit(_job, "control", None, None): ("control", None)}
         pending |= {pool.submit(_job, "dynamic", lam, None): ("dynamic", lam) for lam in lambdas}
         while pending:

@@ -14,6 +14,9 @@ stock diffusers class over the run's weights, masked the run's dynamic model, fa
 it; the time keys and token shape are the schedule's (`infer_run`). The FLOPs ratios are measured as
 above, so a run with token routers shows their savings on the random inputs too; the schedule's own
 (width-only) ratio is reported beside them.
+
+`--cache` adds the static and fast paths again under cache-dit's step cache, on a fixed plan of reused
+steps (`infer_cache`), and checks that the two speed-ups multiply.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def compute_figure(counts: np.ndarray, grid: tuple[int, int], *, blocks: int, ke
         bar.set_ticks(np.arange(low, high + 1, max(1, math.ceil((high - low + 1) / 12))))
     spread = (f"colours span {low:g}–{high:g} of {blocks} blocks" if high > low
               else f"every patch ran {low:g} of {blocks} blocks at every step: no spatial variation")
-    fig.suptitle(f"per-patch compute, {h}×{w} patches: {spread}", fontsize=10)
+    reused = f"; {len(cached)} of {len(maps)} steps reused by the step cache (their middle blocks skipped)" if cached else ""
+    fig.suptitle(f"per-patch compute, {h}×{w} patches: {spread}{reused}", fontsize=10)
     return fig
 
 

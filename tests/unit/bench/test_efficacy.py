@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +79,46 @@ def test_static_from_another_preset_is_refused(tmp_path) -> None:
         efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path / "static")))
     with pytest.raises(SystemExit, match="no efficacy_static.json"):
         efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path)))
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Process ids of the multiprocessing workers whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"--multiprocessing-fork" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whatever init this machine has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_killing_the_bench_stops_its_fine_tuning_workers(tmp_path) -> None:
+    argv = [sys.executable, "-m", "dydit_scale.bench", "efficacy", "--preset", "tiny", "--out", str(tmp_path),
+            "--finetune-steps", "1000000", "--workers", "2", "--threads", "1"]
+    bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _workers_of(bench.pid)) < 2:
+            assert time.monotonic() < deadline and bench.poll() is None, "the bench never started its workers"
+            time.sleep(0.5)
+    finally:
+        bench.kill()
+        bench.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while alive := [pid for pid in workers if _running(pid)]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"workers {alive} kept running 20 s after the bench was killed")
+        time.sleep(0.5)

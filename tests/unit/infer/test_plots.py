@@ -81,6 +81,12 @@ def test_compute_map_colours_span_the_counts_that_occur(tmp_path):
     assert Image.open(path).size[0] > 500
 
 
+def test_compute_map_marks_the_steps_a_step_cache_reused():
+    fig = compute_figure(np.array([[4.0] * 4, [1.0] * 4]), (2, 2), blocks=4, keys=[1.0, 0.5], cached=(1,))
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["step 0  (t=1)", "step 1  (t=0.5)  cached"]
+    assert "1 of 2 steps reused by the step cache" in fig._suptitle.get_text()
+
+
 def test_compute_map_with_one_count_everywhere_still_draws():
     fig = compute_figure(np.full((2, 16), 3.0), (4, 4), blocks=4, keys=[1.0, 0.5])
     assert fig.axes[0].get_images()[0].norm.vmin < 3 < fig.axes[0].get_images()[0].norm.vmax
