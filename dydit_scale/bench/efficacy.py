@@ -94,11 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes that fine-tune arms side by side, one thread each; 1 = in this process")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, init, batches and noise")
     cache = parser.add_argument_group("step cache arms (cache-dit, the `cache` extra)")
-    cache.add_argument("--cache", nargs="?", const="dbcache", choices=["dbcache", "taylorseer"],
-                       help="also score and time the static model and each dynamic arm under this step cache")
+    cache.add_argument("--cache", nargs="*", choices=["dbcache", "taylorseer"],
+                       help="also score and time the static model and each dynamic arm under these step caches "
+                            "(none named: dbcache), at each --cache-threshold")
     cache.add_argument("--cache-threshold", type=float, nargs="+", default=[0.08],
-                       help="one set of cached arms per value; the first is held to the quality goals "
-                            "(0.08: cache-dit's default)")
+                       help="one set of cached arms per value (and cache); the first is held to the quality "
+                            "goals (0.08: cache-dit's default)")
     cache.add_argument("--cache-fn", type=int, default=1, help="first blocks always computed (of the model's 4)")
     cache.add_argument("--cache-bn", type=int, default=0, help="last blocks always computed")
     cache.add_argument("--cache-warmup", type=int, help="steps never reused; unset = the preset's (default: 8, "
@@ -178,10 +179,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               "dynamic": {"router_lr_scale": args.router_lr_scale, "head_router_bias": args.head_router_bias,
                           "token_router_bias": args.token_router_bias, "hold": args.hold, "ramp": args.ramp},
               "threads": args.threads, "workers": args.workers, "out": str(out)}
-    if args.cache:
+    if args.cache is not None:
         warmup = p["cache_warmup"] if args.cache_warmup is None else args.cache_warmup
-        caches = [StepCacheConfig(mode=args.cache, threshold=threshold, fn=args.cache_fn, bn=args.cache_bn,
-                                  warmup=warmup) for threshold in args.cache_threshold]
+        caches = [StepCacheConfig(mode=mode, threshold=threshold, fn=args.cache_fn, bn=args.cache_bn, warmup=warmup)
+                  for mode in args.cache or ["dbcache"] for threshold in args.cache_threshold]
         models = {"static": static} | {f"dynamic λ={lam}": timed[f"dynamic λ={lam}"] for lam in lambdas}
         scores = {"static": static_scores} | {f"dynamic λ={r['lambda']}": r for r in rows if r["arm"] == "dynamic"}
         result["cache"] = cache_arms(models, scores, score, caches, p["cache_batch"])

@@ -138,7 +138,7 @@ def cache_cause(name: str, result: dict[str, Any]) -> str:
 def print_cache_table(result: dict[str, Any]) -> None:
     cache = result["cache"]
     first = cache["settings"][0]
-    print(f"step caches {', '.join(cache['labels'])} (mode threshold): first {first['fn']} / last {first['bn']} "
+    print(f"step caches {', '.join(cache['labels'])} (cache threshold): first {first['fn']} / last {first['bn']} "
           f"blocks always computed, {first['warmup']} warm-up steps; batches of {cache['batch']} images, timed over "
           "whole generations")
     print(f"{'arm':<30}{'prompt':>8}{'FD':>8}{'s/image':>10}{'speed-up':>10}{'reused':>8}{'as static':>11}")

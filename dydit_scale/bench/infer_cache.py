@@ -16,6 +16,7 @@ from torch import nn
 
 from dydit_scale.bench.goals import Goal
 from dydit_scale.config import StepCacheConfig
+from dydit_scale.infer.fast import weight_sharing_memo
 from dydit_scale.infer.step_cache import enable_step_cache, refresh_step_cache
 
 __all__ = ["CACHED", "cached_paths", "combined_goal", "computed_plan", "refresh"]
@@ -31,13 +32,12 @@ def computed_plan(steps: int) -> list[int]:
 
 def cached_paths(paths: dict[str, nn.Module], family: str, cache: StepCacheConfig,
                  steps: int) -> dict[str, nn.Module]:
-    """`static+cache` and `fast+cache`: the static and fast models again (weights shared, not copied)
-    under the step cache with `computed_plan(steps)`. Raises ValueError if the layout cannot be cached."""
+    """`static+cache` and `fast+cache`: the static and fast models again (weights and the fast path's
+    sliced weights shared, not copied) under the step cache with `computed_plan(steps)`. Raises ValueError if the layout cannot be cached."""
     out = {}
     for name, source in CACHED.items():
         model = paths[source]
-        shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
-        out[name] = enable_step_cache(copy.deepcopy(model, shared), family, cache,
+        out[name] = enable_step_cache(copy.deepcopy(model, weight_sharing_memo(model)), family, cache,
                                       computed_steps=computed_plan(steps))
     return out
 

@@ -22,7 +22,7 @@ from torch import nn
 from dydit_scale.config import DynamicConfig
 from dydit_scale.dynamic.routers import ConditionedTokenRouter, TimestepRouter, TokenRouter, full_width
 from dydit_scale.infer.export import export_schedule
-from dydit_scale.infer.fast import apply_schedule
+from dydit_scale.infer.fast import apply_schedule, weight_sharing_memo
 from dydit_scale.models.build import set_attention_backend
 from dydit_scale.models.convert import make_dynamic
 from dydit_scale.models.registry import get_family, get_replica
@@ -226,7 +226,6 @@ def build_paths(preset: Preset, keys: torch.Tensor, batch: int, seed: int, devic
     steps = step_inputs(preset, stock.config, keys, batch, seed, device, dtype)
     if preset.dynamic.get("tokens", True):
         _calibrate_tokens(dynamic, steps[0], preset.token_keep)
-    shared = {id(tensor): tensor for tensor in [*dynamic.parameters(), *dynamic.buffers()]}
-    fast = apply_schedule(copy.deepcopy(dynamic, shared), export_schedule(dynamic, keys),
+    fast = apply_schedule(copy.deepcopy(dynamic, weight_sharing_memo(dynamic)), export_schedule(dynamic, keys),
                           attention=attention, verify=False)
     return {"static": stock, "masked": dynamic, "fast": fast}, steps

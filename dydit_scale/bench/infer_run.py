@@ -26,7 +26,7 @@ from torch import nn
 
 from dydit_scale.bench.infer_models import cast, model_inputs, share_stock_weights, to_device
 from dydit_scale.dynamic.schedule import RouterSchedule, TokenShape
-from dydit_scale.infer.fast import apply_schedule
+from dydit_scale.infer.fast import apply_schedule, weight_sharing_memo
 from dydit_scale.infer.runs import load_run, stock_class
 from dydit_scale.models.build import set_attention_backend
 from dydit_scale.models.registry import get_family
@@ -99,9 +99,8 @@ def build_run_paths(run_path: str | Path, schedule_path: str | Path, *, steps: i
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--run: {err}") from None
     family, dynamic = run.recipe.model.family, run.model
-    shared = {id(tensor): tensor for tensor in [*dynamic.parameters(), *dynamic.buffers()]}
     try:  # fp32 on the CPU, as loaded: the hashes the schedule records are of these tensors
-        fast = apply_schedule(copy.deepcopy(dynamic, shared), schedule, attention=attention)
+        fast = apply_schedule(copy.deepcopy(dynamic, weight_sharing_memo(dynamic)), schedule, attention=attention)
     except ValueError as err:
         raise ValueError(f"--schedule: {schedule_path}: {str(err).removeprefix('apply_schedule: ')}") from None
     dynamic = cast(dynamic, device, dtype)  # moves the shared parameters in place: fast follows

@@ -24,7 +24,7 @@ from dydit_scale.infer.runs import stock_class
 from dydit_scale.infer.sliced import Attention, check_attention
 from dydit_scale.models.dynamic_model import DynamicTransformerMixin, stock_signature
 
-__all__ = ["FastTransformerMixin", "apply_schedule"]
+__all__ = ["FastTransformerMixin", "apply_schedule", "weight_sharing_memo"]
 
 
 class FastTransformerMixin:
@@ -91,6 +91,15 @@ def _check_hashes(model: nn.Module, schedule: RouterSchedule) -> None:
     if checkpoint != schedule.checkpoint_hash:
         raise ValueError(f"apply_schedule: the model's routers/adapters ({checkpoint[:19]}…) differ from the "
                          f"schedule's checkpoint ({schedule.checkpoint_hash[:19]}…); re-export the schedule")
+
+
+def weight_sharing_memo(model: nn.Module) -> dict[int, object]:
+    """A `copy.deepcopy` memo under which a copy of `model` shares its parameters and buffers and, for a
+    fast model, its blocks' sliced-weight caches (one more model that runs the schedule costs no memory)."""
+    memo: dict[int, object] = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    for block in getattr(model, "_fast_blocks", ()):
+        memo |= {id(block._cache): block._cache, id(block._cache_bytes): block._cache_bytes}
+    return memo
 
 
 def apply_schedule(model: nn.Module, schedule: RouterSchedule, *, low_memory: bool = False,

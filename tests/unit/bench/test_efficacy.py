@@ -51,7 +51,8 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
 
     # --static reuses the saved model; one worker in this process gives the same numbers as two processes;
     # --cache adds the cached arms (a threshold no change reaches: every step after the warm-up is reused)
-    again_args = [*common, "--static", str(out / "static"), "--cache", "--cache-threshold", "100", "1e-6"]
+    again_args = [*common, "--static", str(out / "static"), "--cache", "dbcache", "taylorseer",
+                  "--cache-threshold", "100", "1e-6"]
     again_args[again_args.index("--workers") + 1] = "1"
     assert efficacy.run(_args(*again_args)) == 0
     again = json.loads(capsys.readouterr().out)
@@ -61,13 +62,16 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     for key in ("flops_ratio", "heldout_loss", "prompt_score", "fd"):
         assert again["rows"][0][key] == pytest.approx(result["rows"][0][key], rel=1e-5), key
     cached = again["cache"]["rows"]
-    assert list(cached) == ["static", "static + dbcache 100", "static + dbcache 1e-06", "dynamic λ=0.5",
-                            "dynamic λ=0.5 + dbcache 100", "dynamic λ=0.5 + dbcache 1e-06"]
+    settings = ["dbcache 100", "dbcache 1e-06", "taylorseer 100", "taylorseer 1e-06"]
+    assert list(cached) == [f"{name}{f' + {setting}' if setting else ''}" for name in ("static", "dynamic λ=0.5")
+                            for setting in ["", *settings]]
     assert cached["static"]["fd"] == again["static"]["fd"] and cached["static"]["speedup"] == 1.0
     for name in ("static", "dynamic λ=0.5"):  # 3 of 4 steps after the warm-up step, or none
-        assert cached[f"{name} + dbcache 100"]["cached_share"] == 0.75
-        assert cached[f"{name} + dbcache 1e-06"]["cached_share"] == 0.0
-        assert cached[f"{name} + dbcache 1e-06"]["fd"] == pytest.approx(cached[name]["fd"], rel=1e-4)
+        for mode in ("dbcache", "taylorseer"):
+            assert cached[f"{name} + {mode} 100"]["cached_share"] == 0.75
+            assert cached[f"{name} + {mode} 1e-06"]["cached_share"] == 0.0
+            assert cached[f"{name} + {mode} 1e-06"]["fd"] == pytest.approx(cached[name]["fd"], rel=1e-4)
+        assert cached[f"{name} + taylorseer 100"]["fd"] != cached[f"{name} + dbcache 100"]["fd"]  # extrapolated
     assert cached["dynamic λ=0.5 + dbcache 100"]["agreement_with_static"] == 1.0
     assert {"λ 0.5 + dbcache 100: speed-up ÷ (cache × fast)"} <= set(again["goal_checks"])
 

@@ -160,3 +160,17 @@ def test_cpu_run_never_imports_xformers():
     ) % str(__import__("pathlib").Path(__file__).parent)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_weight_sharing_copy_of_a_fast_model_shares_weights_and_sliced_weights():
+    from dydit_scale.infer.fast import weight_sharing_memo
+
+    masked = dynamic_model("pixart", "random")
+    keys = time_keys("pixart")
+    fast = apply_schedule(copy.deepcopy(masked), export_schedule(masked, keys))
+    twin = copy.deepcopy(fast, weight_sharing_memo(fast))
+    inputs = model_inputs("pixart", keys[1])
+    torch.testing.assert_close(twin(**inputs)[0], fast(**inputs)[0], atol=0, rtol=0)
+    assert all(a is b for a, b in zip(twin.parameters(), fast.parameters()))
+    for mine, its in zip(twin._fast_blocks, fast._fast_blocks):
+        assert mine is not its and mine._cache is its._cache and len(its._cache) == 1  # filled once, by the twin
