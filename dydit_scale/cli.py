@@ -153,11 +153,11 @@ def sample(argv: list[str] | None = None) -> int:
     cache.add_argument("--cache", dest="mode", choices=recipe_choices()["validation.cache.mode"],
                        help="dbcache: reuse the middle blocks' residual on steps whose first blocks barely changed; "
                             "taylorseer: dbcache that extrapolates that residual (flux, pixart, dit, sit)")
-    cache.add_argument("--cache-threshold", dest="threshold", type=float,
+    cache.add_argument("--cache-threshold", dest="threshold", type=float, metavar="X",
                        help="relative change of the first blocks' output below which a step is reused")
-    cache.add_argument("--cache-fn", dest="fn", type=int, help="first blocks every step computes")
-    cache.add_argument("--cache-bn", dest="bn", type=int, help="last blocks every step computes")
-    cache.add_argument("--cache-warmup", dest="warmup", type=int, help="first sampler steps never reused")
+    cache.add_argument("--cache-fn", dest="fn", type=int, metavar="N", help="first blocks every step computes")
+    cache.add_argument("--cache-bn", dest="bn", type=int, metavar="N", help="last blocks every step computes")
+    cache.add_argument("--cache-warmup", dest="warmup", type=int, metavar="N", help="first sampler steps never reused")
     parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     args = parser.parse_args(argv)
     from dydit_scale.infer.sample import sample_run

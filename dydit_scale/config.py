@@ -212,7 +212,7 @@ class StepCacheConfig(_Section):
     threshold: float = Field(0.08, gt=0.0)
     """Relative L1 change of the first blocks' output below which a step reuses the cache (higher: faster, less exact)."""
     fn: int = Field(8, ge=1)
-    """Blocks at the start of the model that every step computes (their change decides; the routers' first blocks)."""
+    """Blocks at the start of the model that every step computes; how much their output changed decides whether a step is reused."""
     bn: int = Field(0, ge=0)
     """Blocks at the end of the model that every step computes (they correct the reused residual)."""
     warmup: int = Field(8, ge=0)

@@ -16,7 +16,7 @@ from that static model and is fine-tuned with the same steps, batches, optimiser
   pruned   per λ, the lowest-magnitude heads and MLP groups removed for good until the analytic
            FLOPs ratio equals the dynamic arm's realised one (the paper's comparison with pruning).
 With `--cache`, the static model and each dynamic arm's fast path are also sampled and timed under
-cache-dit's step cache, at one or more thresholds (`efficacy_cache`).
+cache-dit's step caches (DBCache, TaylorSeer) at one or more thresholds (`efficacy_cache`).
 Writes efficacy.json, efficacy.png (Pareto: FLOPs ratio against held-out loss, prompt score, FD),
 samples.png (one labelled row per arm, one column per prompt) and each λ's schedule.
 """

@@ -23,6 +23,7 @@ from torch import nn
 from dydit_scale.bench.efficacy_eval import Prompts, Scorer, sample
 from dydit_scale.bench.goals import Goal
 from dydit_scale.config import StepCacheConfig
+from dydit_scale.infer.fast import weight_sharing_memo
 from dydit_scale.infer.step_cache import cached_steps, enable_step_cache, refresh_step_cache
 
 __all__ = ["cache_arms", "cache_cause", "cache_goals", "label", "print_cache_table"]
@@ -32,7 +33,7 @@ class _CachedSampler:
     """One model under the step cache: samples like `sample`, recording the steps each batch reused."""
 
     def __init__(self, model: nn.Module, cache: StepCacheConfig, steps: int):
-        self.model = enable_step_cache(copy.deepcopy(model), "pixart", cache)
+        self.model = enable_step_cache(copy.deepcopy(model, weight_sharing_memo(model)), "pixart", cache)
         self.steps = steps
         self.reused: list[list[int]] = []
 

@@ -5,8 +5,8 @@ whose forward is the stock diffusers forward (pipelines run it unchanged) over b
 their sliced versions (`fast_blocks`). A forward pre-hook looks up the step by the exact timestep the
 pipeline passes, gives the TDW routers the schedule's masks instead of running them and sets this
 step's TD-LoRA π and token-router state: as a hook it runs before any wrapper that replaces the
-forward or swaps the block list (cache-dit's step cache does both). Every sample of a batch — both CFG halves —
-shares the step's masks; the token routers stay live.
+forward or swaps the block list (cache-dit's step cache does both). Every sample of a batch — both
+CFG halves — shares the step's masks; the token routers stay live.
 """
 
 from __future__ import annotations
