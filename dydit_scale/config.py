@@ -272,6 +272,9 @@ class Recipe(_Section):
                 f"train.timestep_weighting {self.train.timestep_weighting!r} applies to flow matching (flux, sit) only; "
                 f"use none for model.family {self.model.family!r}"
             )
+        if self.model.family == "pixart" and self.validation.inference_steps == 1:
+            raise ValueError("validation.inference_steps: PixArtAlphaPipeline takes 1 step for an LCM sampler and "
+                             "fails with any other; use 2 or more")
         if len(self.validation.seeds) < 1 or len(self.validation.prompts) < 1:
             raise ValueError("validation.prompts and validation.seeds: expected at least one each")
         return self
@@ -352,10 +355,10 @@ def _describe_error(err: dict) -> str:
         "model_type": "a mapping of fields", "tuple_type": "a list",
         "too_short": "more items", "too_long": "fewer items",
     }.get(kind)
-    number = "an integer" if isinstance(got, int) and not isinstance(got, bool) else "a number"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
-        bound = next(iter(ctx.values()))
+        bound = next(iter(ctx.values()))  # its type is the field's: an int bound on an int field
+        number = "an integer" if isinstance(bound, int) else "a number"
         expected = f"{number} {bounds[kind]} {bound}"
     elif kind == "literal_error":
         expected = "one of " + str(ctx.get("expected", "")).replace("'", "")

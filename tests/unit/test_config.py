@@ -57,6 +57,8 @@ def test_override_of_unknown_key_names_the_closest_field(tmp_path):
     ("lora.rank=10", "lora.rank (10) must be divisible by lora.groups (4) for td_lora"),
     ("train.offload_params=true", "train.offload_params needs train.zero_stage 3, got 2"),
     ("data.kind=video_text", "data.kind 'video_text' does not fit model.family 'flux'"),
+    ("validation.cache.mode=fast", "validation.cache.mode: expected one of none, dbcache or taylorseer, got 'fast'"),
+    ("validation.cache.threshold=0", "validation.cache.threshold: expected a number > 0.0, got 0"),
 ])
 def test_bad_values_name_the_field_and_what_was_expected(tmp_path, override, message):
     path = _write(tmp_path, "{}\n")
@@ -64,6 +66,14 @@ def test_bad_values_name_the_field_and_what_was_expected(tmp_path, override, mes
         load_recipe(path, [override])
     assert len(err.value.lines) == 1
     assert err.value.lines[0].startswith(f"{path}: {message}")
+
+
+def test_a_one_step_pixart_grid_is_refused_before_training(tmp_path):
+    """PixArtAlphaPipeline runs a 1-step call as LCM (`scheduler.step(...)[1]`), which fails at the first grid."""
+    path = _write(tmp_path, "{}\n")
+    with pytest.raises(RecipeError, match="validation.inference_steps: PixArtAlphaPipeline takes 1 step for an LCM"):
+        load_recipe(path, ["model.family=pixart", "validation.inference_steps=1"])
+    assert load_recipe(path, ["model.family=flux", "validation.inference_steps=1"]).validation.inference_steps == 1
 
 
 def test_missing_file_and_bad_yaml_are_one_line(tmp_path):
