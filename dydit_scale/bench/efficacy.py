@@ -43,6 +43,7 @@ from dydit_scale.bench.efficacy_train import HeldOut, build_static, pretrain
 from dydit_scale.bench.goals import goal_checks
 from dydit_scale.config import DynamicConfig, StepCacheConfig
 from dydit_scale.diffusion import FlowMatchingObjective
+from dydit_scale.infer.step_cache import cache_problem
 from dydit_scale.io import atomic_write_json
 
 __all__ = ["PRESETS", "add_arguments", "measure", "run"]
@@ -136,11 +137,26 @@ def _static_model(args: argparse.Namespace, p: dict[str, Any], data: Data,
     return model, info | {"reused": False}, folder
 
 
+def _caches(args: argparse.Namespace, p: dict[str, Any]) -> list[StepCacheConfig]:
+    """The step caches of --cache, checked before any training (one line on a setting that cannot run)."""
+    if args.cache is None:
+        return []
+    warmup = p["cache_warmup"] if args.cache_warmup is None else args.cache_warmup
+    caches = [StepCacheConfig(mode=mode, threshold=threshold, fn=args.cache_fn, bn=args.cache_bn, warmup=warmup)
+              for mode in args.cache or ["dbcache"] for threshold in args.cache_threshold]
+    for cache in caches:
+        problem = cache_problem("pixart", {"transformer_blocks": p["layers"]}, cache)
+        if problem is not None:
+            raise SystemExit(f"efficacy: --cache: {problem}")
+    return caches
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Pre-train (or load) the static model, fine-tune every arm, score them; see the module doc."""
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     p = PRESETS[args.preset]
+    caches = _caches(args, p)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(p["count"], p["heldout"], p["size"], args.seed)
@@ -179,13 +195,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               "dynamic": {"router_lr_scale": args.router_lr_scale, "head_router_bias": args.head_router_bias,
                           "token_router_bias": args.token_router_bias, "hold": args.hold, "ramp": args.ramp},
               "threads": args.threads, "workers": args.workers, "out": str(out)}
-    if args.cache is not None:
-        warmup = p["cache_warmup"] if args.cache_warmup is None else args.cache_warmup
-        caches = [StepCacheConfig(mode=mode, threshold=threshold, fn=args.cache_fn, bn=args.cache_bn, warmup=warmup)
-                  for mode in args.cache or ["dbcache"] for threshold in args.cache_threshold]
+    if caches:
         models = {"static": static} | {f"dynamic λ={lam}": timed[f"dynamic λ={lam}"] for lam in lambdas}
         scores = {"static": static_scores} | {f"dynamic λ={r['lambda']}": r for r in rows if r["arm"] == "dynamic"}
-        result["cache"] = cache_arms(models, scores, score, caches, p["cache_batch"])
+        result["cache"], cached_images = cache_arms(models, scores, score, caches, p["cache_batch"])
+        images |= cached_images
     result["plot"], result["samples_png"] = (str(path) for path in save_pictures(result, images, prompts, p["shown"]))
     result["seconds"] = time.perf_counter() - start
     result["goal_checks"] = goal_checks(result_goals(result))

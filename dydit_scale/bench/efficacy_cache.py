@@ -74,23 +74,25 @@ def label(cache: StepCacheConfig) -> str:
 
 
 def cache_arms(models: dict[str, nn.Module], scores: dict[str, dict[str, float]], score: Scorer,
-               caches: list[StepCacheConfig], batch: int) -> dict[str, Any]:
+               caches: list[StepCacheConfig], batch: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Rows for every model of `models` (static first, then dynamic arms by name), uncached and under
     each cache setting: prompt score, FD, seconds per image, speed-up against static, share of steps
-    reused. `scores` holds each model's uncached prompt score and FD (measured by the main bench)."""
+    reused; and the samples of each cached arm. `scores` holds each model's uncached prompt score and
+    FD (measured by the main bench)."""
     steps = score.sampler["steps"]
     samplers: dict[str, tuple[nn.Module, _CachedSampler | None]] = {}
     rows: dict[str, dict[str, Any]] = {}
     reused: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
     for name, model in models.items():
         rows[name] = {key: scores[name][key] for key in ("prompt_score", "fd")}
         samplers[name] = (model, None)
         for cache in caches:
             cached, named = _CachedSampler(model, cache, steps), f"{name} + {label(cache)}"
-            images = sample(cached.model, score.sampler, score.prompts, score.guidance, batch=batch,
-                            on_start=cached.start, on_end=cached.end)
+            samples[named] = sample(cached.model, score.sampler, score.prompts, score.guidance, batch=batch,
+                                    on_start=cached.start, on_end=cached.end)
             reused[named] = _decisions(cached.reused, steps)
-            rows[named] = score.image_scores(images) | {"cached_share": float(reused[named].float().mean())}
+            rows[named] = score.image_scores(samples[named]) | {"cached_share": float(reused[named].float().mean())}
             samplers[named] = (model, cached)
     for name, decisions in reused.items():
         static = reused[f"static + {name.split(' + ')[1]}"]
@@ -100,7 +102,7 @@ def cache_arms(models: dict[str, nn.Module], scores: dict[str, dict[str, float]]
     for name, row in rows.items():
         row |= {"s_per_image": seconds[name], "speedup": seconds["static"] / seconds[name]}
     return {"settings": [cache.model_dump() for cache in caches], "labels": [label(cache) for cache in caches],
-            "batch": batch, "rows": rows}
+            "batch": batch, "rows": rows}, samples
 
 
 def cache_goals(result: dict[str, Any]) -> dict[str, Goal]:

@@ -82,9 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, help="blocks per stack of a released-width preset (default: 1, "
                                                    "dit-xl all 28); --cache needs more than --cache-fn + --cache-bn")
     cache = parser.add_argument_group("step cache (cache-dit, the `cache` extra; speed only)")
-    cache.add_argument("--cache", nargs="?", const="dbcache", choices=["dbcache", "taylorseer"],
-                       help="also time the static and fast paths under this step cache, computing every other step "
-                            "and reusing the rest (random weights: a threshold would decide nothing real)")
+    cache.add_argument("--cache", action="store_true",
+                       help="also time the static and fast paths under DBCache, computing every other step and "
+                            "reusing the rest (random weights: a threshold would decide nothing real)")
     cache.add_argument("--cache-fn", type=int, default=8, help="first blocks a reused step still computes")
     cache.add_argument("--cache-bn", type=int, default=0, help="last blocks a reused step still computes")
 
@@ -122,7 +122,7 @@ def _cache(args: argparse.Namespace) -> StepCacheConfig:
     """The step cache of --cache (mode none without it)."""
     if not args.cache:
         return StepCacheConfig()
-    return StepCacheConfig(mode=args.cache, fn=args.cache_fn, bn=args.cache_bn, warmup=0)
+    return StepCacheConfig(mode="dbcache", fn=args.cache_fn, bn=args.cache_bn, warmup=0)
 
 
 @torch.no_grad()

@@ -32,6 +32,9 @@ __all__ = ["block_counts", "cache_problem", "cached_steps", "check_step_cache", 
 #: family -> the block lists cache-dit wraps, in forward order
 _BLOCK_LISTS = {"flux": ("transformer_blocks", "single_transformer_blocks"), "pixart": ("transformer_blocks",),
                 "dit": ("transformer_blocks",), "sit": ("transformer_blocks",)}
+#: cache-dit 1.5.3's first-order TaylorSeer forms its first derivative at the 4th computed step of a
+#: process's first generation (the 3rd of later ones): fewer warm-up steps and it never extrapolates
+TAYLORSEER_WARMUP = 4
 _UNSUPPORTED = {"latte": "its forward interleaves spatial and temporal blocks (transformer_blocks[i], then "
                          "temporal_transformer_blocks[i]) in one loop, and cache-dit caches whole block lists"}
 
@@ -67,6 +70,9 @@ def cache_problem(family: str, counts: dict[str, int], cache: StepCacheConfig) -
     problem = family_problem(family)
     if problem is not None:
         return problem
+    if cache.mode == "taylorseer" and cache.warmup < TAYLORSEER_WARMUP:
+        return (f"warmup {cache.warmup}: taylorseer extrapolates from the steps computed before the first reuse "
+                f"and needs at least {TAYLORSEER_WARMUP} warm-up steps; with fewer it only reuses, as dbcache does")
     for name, count in counts.items():
         if cache.fn + cache.bn >= count:
             return (f"fn {cache.fn} + bn {cache.bn} blocks always run, but {name} has {count}: nothing left to "

@@ -50,9 +50,9 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     assert (out / "schedule-lam0.5" / "schedule.safetensors").is_file()
 
     # --static reuses the saved model; one worker in this process gives the same numbers as two processes;
-    # --cache adds the cached arms (a threshold no change reaches: every step after the warm-up is reused)
-    again_args = [*common, "--static", str(out / "static"), "--cache", "dbcache", "taylorseer",
-                  "--cache-threshold", "100", "1e-6"]
+    # --cache adds the cached arms (threshold 100: every step after the 2 warm-up steps is reused; 1e-6: none)
+    again_args = [*common, "--static", str(out / "static"), "--cache", "--cache-threshold", "100", "1e-6",
+                  "--cache-warmup", "2"]
     again_args[again_args.index("--workers") + 1] = "1"
     assert efficacy.run(_args(*again_args)) == 0
     again = json.loads(capsys.readouterr().out)
@@ -62,16 +62,14 @@ def test_tiny_preset_json_then_reuse_static(tmp_path, capsys) -> None:
     for key in ("flops_ratio", "heldout_loss", "prompt_score", "fd"):
         assert again["rows"][0][key] == pytest.approx(result["rows"][0][key], rel=1e-5), key
     cached = again["cache"]["rows"]
-    settings = ["dbcache 100", "dbcache 1e-06", "taylorseer 100", "taylorseer 1e-06"]
+    settings = ["dbcache 100", "dbcache 1e-06"]
     assert list(cached) == [f"{name}{f' + {setting}' if setting else ''}" for name in ("static", "dynamic λ=0.5")
                             for setting in ["", *settings]]
     assert cached["static"]["fd"] == again["static"]["fd"] and cached["static"]["speedup"] == 1.0
-    for name in ("static", "dynamic λ=0.5"):  # 3 of 4 steps after the warm-up step, or none
-        for mode in ("dbcache", "taylorseer"):
-            assert cached[f"{name} + {mode} 100"]["cached_share"] == 0.75
-            assert cached[f"{name} + {mode} 1e-06"]["cached_share"] == 0.0
-            assert cached[f"{name} + {mode} 1e-06"]["fd"] == pytest.approx(cached[name]["fd"], rel=1e-4)
-        assert cached[f"{name} + taylorseer 100"]["fd"] != cached[f"{name} + dbcache 100"]["fd"]  # extrapolated
+    for name in ("static", "dynamic λ=0.5"):
+        assert cached[f"{name} + dbcache 100"]["cached_share"] == 0.5
+        assert cached[f"{name} + dbcache 1e-06"]["cached_share"] == 0.0
+        assert cached[f"{name} + dbcache 1e-06"]["fd"] == pytest.approx(cached[name]["fd"], rel=1e-4)
     assert cached["dynamic λ=0.5 + dbcache 100"]["agreement_with_static"] == 1.0
     assert {"λ 0.5 + dbcache 100: speed-up ÷ (cache × fast)"} <= set(again["goal_checks"])
 
@@ -83,6 +81,14 @@ def test_static_from_another_preset_is_refused(tmp_path) -> None:
         efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path / "static")))
     with pytest.raises(SystemExit, match="no efficacy_static.json"):
         efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path / "o"), "--static", str(tmp_path)))
+
+
+def test_a_cache_the_bench_model_cannot_run_is_refused_before_training(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="^efficacy: --cache: warmup 1: taylorseer extrapolates"):
+        efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path), "--cache", "taylorseer"))
+    with pytest.raises(SystemExit, match="^efficacy: --cache: fn 2 [+] bn 0 blocks always run, but transformer_blocks has 2"):
+        efficacy.measure(_args("--preset", "tiny", "--out", str(tmp_path), "--cache", "--cache-fn", "2"))
+    assert not any(tmp_path.iterdir())
 
 
 def _workers_of(pid: int) -> list[int]:

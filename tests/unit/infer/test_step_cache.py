@@ -70,8 +70,8 @@ def _fast(family: str, mode: str = "random") -> tuple[torch.nn.Module, torch.nn.
     return masked, apply_schedule(copy.deepcopy(masked), export_schedule(masked, keys))
 
 
-def _cache(threshold: float, mode: str = "dbcache") -> StepCacheConfig:
-    return StepCacheConfig(mode=mode, threshold=threshold, fn=1, bn=0, warmup=2)
+def _cache(threshold: float, mode: str = "dbcache", warmup: int = 2) -> StepCacheConfig:
+    return StepCacheConfig(mode=mode, threshold=threshold, fn=1, bn=0, warmup=warmup)
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart", "dit", "sit"])
@@ -94,11 +94,21 @@ def test_cached_fast_path_samples_what_the_cached_masked_path_samples(family, mo
     for model in (masked, fast):
         pipe, kwargs = _pipeline(family, model)
         uncached = _sample(pipe, kwargs)
-        enable_step_cache(pipe, family, _cache(100.0, mode))
+        enable_step_cache(pipe, family, _cache(100.0, mode, warmup=4))  # TaylorSeer's least
         results.append(_sample(pipe, kwargs))
-        assert cached_steps(model) == list(range(2, STEPS))
+        assert cached_steps(model) == [4, 5]
     assert_latents_close(results[1], results[0], 1e-5)
     assert not torch.allclose(results[1], uncached, atol=1e-3)  # the cache did change the sample
+
+
+def test_taylorseer_extrapolates_where_dbcache_repeats():
+    samples = {}
+    for mode in ("dbcache", "taylorseer"):
+        _, fast = _fast("pixart")
+        pipe, kwargs = _pipeline("pixart", fast)
+        enable_step_cache(pipe, "pixart", _cache(100.0, mode, warmup=4))
+        samples[mode] = _sample(pipe, kwargs)
+    assert not torch.allclose(samples["taylorseer"], samples["dbcache"], atol=1e-4)
 
 
 def test_cached_dynamic_dit_with_every_unit_on_samples_what_cache_dit_gives_the_stock_dit():
@@ -126,6 +136,9 @@ def test_unsupported_families_layouts_and_settings_are_one_line_errors(monkeypat
     problem = cache_problem("pixart", {"transformer_blocks": 2}, StepCacheConfig(mode="dbcache"))
     assert problem.startswith("fn 8 + bn 0 blocks always run, but transformer_blocks has 2")
     assert cache_problem("pixart", {"transformer_blocks": 2}, StepCacheConfig()) is None  # mode none
+    problem = cache_problem("pixart", {"transformer_blocks": 4}, _cache(0.1, "taylorseer", warmup=3))
+    assert problem.startswith("warmup 3: taylorseer extrapolates from the steps computed before the first reuse "
+                              "and needs at least 4 warm-up steps")
     with pytest.raises(ValueError, match=r"^cache threshold: Input should be greater than 0, got -1\.0$"):
         with_overrides(StepCacheConfig(), {"threshold": -1.0})
     monkeypatch.setitem(sys.modules, "cache_dit", None)
