@@ -66,8 +66,7 @@ def sample_run(path: str | Path, schedule_dir: str | Path, out: str | Path, *, p
     pipe = load_pipeline(recipe.model.path, transformer=model if dtype == torch.float32 else model.to(dtype),
                          dtype=dtype)
     pipe.scheduler = build_scheduler(sampler)
-    if cache.mode != "none":
-        enable_step_cache(pipe, recipe.model.family, cache)
+    enable_step_cache(pipe, recipe.model.family, cache)
     height, width = sampler["resolution"]
     kwargs = family.pipeline_kwargs(steps=sampler["steps"], height=height, width=width,
                                     guidance=recipe.validation.guidance_scale if guidance is None else guidance,

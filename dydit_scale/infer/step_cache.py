@@ -122,13 +122,15 @@ def enable_step_cache(target: Any, family: str, cache: StepCacheConfig, *,
                       computed_steps: list[int] | None = None) -> nn.Module:
     """Wrap the transformer of a pipeline (or a transformer alone, then `refresh_step_cache` before
     each generation) in cache-dit's step cache; returns the transformer. Raises ValueError (one line)
-    for a family or block layout the cache cannot run.
+    for a family or block layout the cache cannot run; mode none leaves the model as it is.
 
     computed_steps: a fixed plan instead of the threshold, 1 = compute the step, 0 = reuse (for timing
     models whose random weights make the threshold's decisions meaningless).
     """
     transformer = getattr(target, "transformer", target)
     check_step_cache(transformer, family, cache)
+    if cache.mode == "none":
+        return transformer
     cache_dit = _cache_dit()
     names = _BLOCK_LISTS[family]
     pattern = cache_dit.ForwardPattern.Pattern_1 if family == "flux" else cache_dit.ForwardPattern.Pattern_3
